@@ -1,0 +1,1 @@
+"""Training data: samples, loaders, the prompt template, images and the DataModule."""
