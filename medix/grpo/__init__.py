@@ -1,0 +1,1 @@
+"""GRPO-family training: advantages and losses (pure functions), rollout and the LightningModule."""

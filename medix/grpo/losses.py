@@ -1,0 +1,192 @@
+"""GRPO-family math as pure tensor functions: group advantages, the clipped policy loss (GRPO, DAPO,
+Dr.GRPO, GSPO), DAPO's group filter. Shapes: N = B = number of completions, T = completion tokens."""
+
+import torch
+
+SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def valid_mask(rewards: torch.Tensor) -> torch.Tensor:
+    """True where a reward was scored; NaN marks an excluded judge failure (the caller turns None into NaN)."""
+    return ~torch.isnan(rewards)
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a 1-D float tensor [N], got {_describe(rewards)}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size} "
+            "(expected consecutive groups of group_size completions per prompt)"
+        )
+    return rewards.view(-1, group_size)
+
+
+def _group_stats(rewards: torch.Tensor, group_size: int):
+    """Per group [num_groups, 1]: valid mask [G_n, G], count, NaN-free mean and unbiased std of valid rewards."""
+    r = _grouped(rewards, group_size)
+    valid = valid_mask(r)
+    count = valid.sum(dim=1, keepdim=True)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    mean = r0.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centered = torch.where(valid, r - mean, torch.zeros_like(r))
+    std = ((centered**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()  # Bessel-corrected
+    return valid, count, mean, centered, std
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6):
+    """A_i = (r_i - mean of its group) / s, with s = group std ("group", GRPO), std of the whole batch ("batch"),
+    or 1 ("none", Dr.GRPO). NaN rewards are left out of the statistics and get A = 0; so does every member of a
+    group with fewer than two valid rewards (no baseline to compare against)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    valid, count, _, centered, group_std = _group_stats(rewards, group_size)
+    if scale == "group":
+        adv = centered / (group_std + eps)
+    elif scale == "batch":
+        scored = rewards[valid_mask(rewards)]
+        batch_std = scored.std() if scored.numel() > 1 else rewards.new_zeros(())
+        adv = centered / (batch_std + eps)
+    else:
+        adv = centered
+    adv = torch.where(valid & (count > 1), adv, torch.zeros_like(adv))
+    return adv.reshape(-1)
+
+
+def dapo_group_filter(rewards: torch.Tensor, group_size: int, *, min_mean: float = 0.01, max_mean: float = 0.99):
+    """DAPO dynamic sampling: keep groups with min_mean < mean valid reward < max_mean (all-NaN groups dropped).
+    Returns a BoolTensor [num_groups]."""
+    if not min_mean < max_mean:
+        raise ValueError(f"min_mean ({min_mean}) must be below max_mean ({max_mean})")
+    _, count, mean, _, _ = _group_stats(rewards, group_size)
+    keep = (count > 0) & (mean > min_mean) & (mean < max_mean)
+    return keep.reshape(-1)
+
+
+def frac_reward_zero_std(rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose valid rewards are all equal (or fewer than two): they carry no gradient."""
+    _, count, _, _, std = _group_stats(rewards, group_size)
+    flat = (count < 2) | torch.isclose(std, torch.zeros_like(std))
+    return flat.float().mean().item()
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    aggregation: str = "token_mean",
+    importance: str = "token",
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+):
+    """Clipped surrogate loss of the GRPO family, returns (scalar loss, metrics of detached tensors).
+
+    logp, old_logp, ref_logp, mask: [B, T] (log-probs of the sampled tokens; mask 1 on completion tokens);
+    advantages: [B]. Per token:  -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A) + beta*k3,
+    k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, non-negative KL estimator).
+    """
+    _check_policy_args(logp, old_logp, advantages, mask, clip_low, clip_high, aggregation, importance, beta,
+                       ref_logp, max_completion_length)
+    mask = mask.to(logp.dtype)
+    tokens_per_seq = mask.sum(dim=1).clamp(min=1)
+    log_ratio = logp - old_logp
+
+    if importance == "token":
+        ratio = torch.exp(log_ratio)  # r_t = pi(y_t) / pi_old(y_t)
+    else:
+        # GSPO (arXiv 2507.18071, eq. "GSPO-token"): s_i = exp(mean_t log(pi/pi_old)) is the length-normalised
+        # sequence ratio; s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)] equals s_i in value and sends gradient
+        # s_i * grad log pi(y_t) to every token. For a per-sequence-uniform A this gives the same gradient as
+        # TRL's importance_sampling_level="sequence" (grad of exp(masked mean)), for all three aggregations.
+        seq_log_ratio = (log_ratio * mask).sum(dim=1) / tokens_per_seq
+        ratio = torch.exp(seq_log_ratio.detach().unsqueeze(1) + logp - logp.detach())
+
+    adv = advantages.unsqueeze(1)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
+
+    if ref_logp is not None:
+        ref_minus_logp = ref_logp - logp
+        k3 = torch.exp(ref_minus_logp) - ref_minus_logp - 1
+        if beta > 0:
+            per_token = per_token + beta * k3
+
+    if aggregation == "sequence_mean":  # GRPO: mean over each sequence's tokens, then over sequences
+        loss = ((per_token * mask).sum(dim=1) / tokens_per_seq).mean()
+    elif aggregation == "token_mean":  # DAPO: every token in the batch weighs the same
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:  # Dr.GRPO: a constant normaliser, so length does not rescale a sequence's gradient
+        loss = (per_token * mask).sum() / (logp.shape[0] * max_completion_length)
+
+    with torch.no_grad():
+        n_tokens = mask.sum().clamp(min=1)
+
+        def token_mean(x):
+            return (x.to(mask.dtype) * mask).sum() / n_tokens
+
+        # As TRL: clipping changed the objective where r fell below 1-clip_low with A<0 or above 1+clip_high with A>0.
+        low = (ratio < 1 - clip_low) & (adv < 0)
+        high = (ratio > 1 + clip_high) & (adv > 0)
+        metrics = {
+            "clip_ratio/low": token_mean(low),
+            "clip_ratio/high": token_mean(high),
+            "clip_ratio": token_mean(low | high),
+            "kl": token_mean(k3) if ref_logp is not None else logp.new_zeros(()),
+            "ratio/mean": token_mean(ratio),
+        }
+    return loss, metrics
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _check_policy_args(logp, old_logp, advantages, mask, clip_low, clip_high, aggregation, importance, beta,
+                       ref_logp, max_completion_length):
+    if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.is_floating_point():
+        raise ValueError(f"logp must be a 2-D float tensor [B, T], got {_describe(logp)}")
+    shape = tuple(logp.shape)
+    for name, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
+        if x is None and name == "ref_logp":
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have the shape of logp {shape}, got {_describe(x)}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must hold only 0/1 (or bool) values")
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != shape[:1]:
+        raise ValueError(f"advantages must have shape [B]=({shape[0]},), got {_describe(advantages)}")
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages must be finite (NaN rewards should get advantage 0 from group_advantages)")
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
+    if not clip_high >= 0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if importance not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance must be one of {IMPORTANCE_LEVELS}, got {importance!r}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logp (reference-model log-probs [B, T]); pass it or set beta=0")
+    if aggregation == "constant":
+        if not isinstance(max_completion_length, int) or max_completion_length < 1:
+            raise ValueError(
+                f"aggregation='constant' (Dr.GRPO) needs max_completion_length, a positive int; "
+                f"got {max_completion_length!r}"
+            )
+        if max_completion_length < shape[1]:
+            raise ValueError(
+                f"max_completion_length={max_completion_length} is shorter than the completions (T={shape[1]})"
+            )
