@@ -1,0 +1,253 @@
+"""The GRPO-family training step as a LightningModule: rollout → reward → advantages → clipped policy updates."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+
+from medix.data.prompts import render_prompt
+from medix.grpo.losses import dapo_group_filter, frac_reward_zero_std, group_advantages, policy_loss
+from medix.rewards.composite import RewardBatch
+from medix.grpo.rollout import Rollout, completion_logprobs, concat_rollouts, generate_completions, select_rows
+
+log = logging.getLogger(__name__)
+
+
+class GRPOModule(L.LightningModule):
+    """One training step = one rollout of `prompts_per_step` prompts × `group_size` completions and its updates."""
+
+    def __init__(self, backbone, reward, algorithm, *, reasoning_tag: str, max_steps: int, refill_pool=None,
+                 judge=None, sample_table_every: int = 0, reward_monitor=None, seed: int = 0, image_loader=None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.backbone = backbone
+        self.model = backbone.model
+        self.reward = reward
+        self.judge = judge
+        self.algo = algorithm
+        self.reasoning_tag = reasoning_tag
+        self.max_steps = max_steps
+        self.refill_pool = list(refill_pool or [])
+        self.refill_rng = random.Random(seed)
+        self.sample_table_every = sample_table_every
+        self.reward_monitor = reward_monitor
+        self.image_loader = image_loader
+        self.grpo_step = 0
+        self.ref_model = None
+        if algorithm.beta > 0 and not backbone_uses_lora(self.model):
+            import copy
+
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    # ---- optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
+        warmup = max(int(self.algo.warmup_steps), 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return [optimizer], [schedule]
+
+    # ---- the step -----------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        if self.grpo_step >= self.max_steps:
+            self.trainer.should_stop = True
+            return None
+        timings = {}
+        samples, rollout, rewards, reward_batch, dapo_metrics = self.collect(batch, timings)
+        metrics = self.update(rollout, rewards, reward_batch, timings)
+        metrics.update(dapo_metrics)
+        metrics.update(reward_batch.metrics())
+        metrics["frac_reward_zero_std"] = float(frac_reward_zero_std(rewards, self.algo.group_size))
+        metrics["completion/mean_length"] = float(rollout.completion_mask.sum(1).float().mean())
+        metrics["completion/clipped_ratio"] = float(rollout.truncated.float().mean())
+        metrics.update({f"time/{k}_s": v for k, v in timings.items()})
+        metrics = self.reduce_across_ranks(metrics)
+        if self.judge is not None:
+            metrics.update(self.judge.stats())
+        metrics["lr"] = self.optimizers().param_groups[0]["lr"]
+        self.grpo_step += 1
+        self.log_step(metrics, samples, rollout, reward_batch)
+        return None
+
+    def collect(self, batch, timings):
+        """Roll out and score; with dynamic sampling (DAPO) keep informative groups and refill up to max_tries."""
+        G = self.algo.group_size
+        wanted = len(batch)
+        kept_samples, kept_rollouts, kept_rewards, kept_batches = [], [], [], []
+        tries, prompts = 0, list(batch)
+        dyn = self.algo.dynamic_sampling
+        timings.update(rollout=0.0, reward=0.0)
+        while True:
+            tries += 1
+            t0 = time.perf_counter()
+            rollout = self.rollout(prompts)
+            t1 = time.perf_counter()
+            solutions = [s.solution for s in prompts for _ in range(G)]
+            questions = [s.problem for s in prompts for _ in range(G)]
+            reward_batch = self.reward(rollout.texts, solutions, questions)
+            t2 = time.perf_counter()
+            timings["rollout"] += t1 - t0
+            timings["reward"] += t2 - t1
+            rewards = to_tensor(reward_batch.overall)
+            if not dyn.enabled:
+                return prompts, rollout, rewards, reward_batch, {}
+            keep = dapo_group_filter(rewards, G, min_mean=dyn.min_mean, max_mean=dyn.max_mean)
+            groups = [i for i, k in enumerate(keep.tolist()) if k]
+            rows = [g * G + j for g in groups for j in range(G)]
+            if groups:
+                kept_samples += [prompts[g] for g in groups]
+                kept_rollouts.append(select_rows(rollout, rows))
+                kept_rewards.append(rewards[rows])
+                kept_batches.append(select_rewards(reward_batch, rows))
+            if len(kept_samples) >= wanted or tries >= dyn.max_tries or not self.refill_pool:
+                break
+            prompts = self.refill_rng.sample(self.refill_pool, min(wanted - len(kept_samples), len(self.refill_pool)))
+        metrics = {"dapo/tries": float(tries), "dapo/kept_groups": float(len(kept_samples))}
+        if not kept_samples:  # nothing informative: train on the last rollout (its advantages are all zero)
+            return prompts, rollout, rewards, reward_batch, metrics
+        kept_samples = kept_samples[:wanted]
+        n = len(kept_samples) * G
+        merged = concat_rollouts(kept_rollouts, pad_token_id=self.backbone.tokenizer.pad_token_id)
+        return (kept_samples, select_rows(merged, list(range(n))), torch.cat(kept_rewards)[:n],
+                select_rewards(concat_rewards(kept_batches), list(range(n))), metrics)
+
+    def rollout(self, samples) -> Rollout:
+        processor = self.backbone.processor
+        prompts = [render_prompt(s, processor or self.backbone.tokenizer, self.reasoning_tag) for s in samples]
+        images = None
+        if self.backbone.is_vlm and any(s.images for s in samples):
+            images = [[self.image_loader(p) for p in s.images] for s in samples]
+        return generate_completions(
+            self.model, self.backbone.tokenizer, prompts, group_size=self.algo.group_size,
+            max_new_tokens=self.algo.max_new_tokens, temperature=self.algo.temperature, top_p=self.algo.top_p,
+            processor=processor, images=images, cache_implementation=self.algo.get("cache_implementation"),
+            min_new_tokens=self.algo.get("min_new_tokens", 0),
+        )
+
+    def update(self, rollout: Rollout, rewards: torch.Tensor, reward_batch, timings) -> dict:
+        t0 = time.perf_counter()
+        algo = self.algo
+        device = rollout.input_ids.device
+        advantages = group_advantages(rewards, algo.group_size, scale=algo.advantage_scale, eps=algo.eps).to(device)
+        mask = rollout.completion_mask.clone().float()
+        mask[torch.isnan(rewards).to(device)] = 0.0  # judge failures excluded: no gradient from them
+        if algo.mask_truncated:
+            mask[rollout.truncated] = 0.0
+        n = rollout.input_ids.shape[0]
+        mini = min(int(algo.mini_batch_size), n)
+        chunks = [list(range(i, min(i + mini, n))) for i in range(0, n, mini)]
+        reuse_logp = algo.num_iterations == 1 and len(chunks) == 1  # on-policy single update: old = current, detached
+        old_logp = None if reuse_logp else self.score_rows(rollout, chunks, self.model)
+        ref_logp = self.reference_logprobs(rollout, chunks) if algo.beta > 0 else None
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        totals: dict[str, list[float]] = {}
+        for _ in range(int(algo.num_iterations)):
+            for rows in chunks:
+                part = select_rows(rollout, rows)
+                logp, entropy = completion_logprobs(self.model, part.input_ids, part.attention_mask,
+                                                    part.prompt_length, part.extra_inputs, with_entropy=True)
+                loss, m = policy_loss(
+                    logp, logp.detach() if reuse_logp else old_logp[rows], advantages[rows], mask[rows],
+                    clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
+                    importance=algo.importance, beta=algo.beta,
+                    ref_logp=None if ref_logp is None else ref_logp[rows], max_completion_length=algo.max_new_tokens,
+                )
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if algo.max_grad_norm:
+                    self.clip_gradients(optimizer, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
+                m = {k: float(v) for k, v in m.items()}
+                m["loss"] = float(loss.detach())
+                m["entropy"] = float(masked_mean(entropy.detach(), mask[rows]))
+                for k, v in m.items():
+                    totals.setdefault(k, []).append(v)
+        timings["update"] = time.perf_counter() - t0
+        return {k: sum(v) / len(v) for k, v in totals.items()}
+
+    @torch.no_grad()
+    def score_rows(self, rollout: Rollout, chunks, model) -> torch.Tensor:
+        parts = []
+        for rows in chunks:
+            part = select_rows(rollout, rows)
+            logp, _ = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
+                                          part.extra_inputs)
+            parts.append(logp)
+        return torch.cat(parts)
+
+    def reference_logprobs(self, rollout, chunks) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.score_rows(rollout, chunks, self.ref_model)
+        with self.model.disable_adapter():  # LoRA: the base model is the reference, no second copy
+            return self.score_rows(rollout, chunks, self.model)
+
+    # ---- logging ------------------------------------------------------------------------------------------------
+    def reduce_across_ranks(self, metrics: dict) -> dict:
+        if self.trainer.world_size <= 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        return dict(zip(keys, values.tolist()))
+
+    def log_step(self, metrics, samples, rollout, reward_batch):
+        clean = {k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}
+        if self.reward_monitor is not None:
+            comps = {k.split("/")[1]: v for k, v in clean.items() if k.startswith("reward/") and k.endswith("/mean")
+                     and k.split("/")[1] != "overall"}
+            for alert in self.reward_monitor.update(self.grpo_step, comps):
+                log.warning("reward hacking? %s", alert.message)
+                clean["reward_hacking/alert"] = 1.0
+                if self.logger is not None and self.global_rank == 0:
+                    self.logger.experiment.set_tag(self.logger.run_id, "reward_hacking", alert.message[:5000])
+        for logger in self.loggers:
+            logger.log_metrics(clean, step=self.grpo_step)
+        if self.sample_table_every and self.grpo_step % self.sample_table_every == 1 % self.sample_table_every:
+            self.log_samples(samples, rollout, reward_batch)
+        log.info("step %d | %s", self.grpo_step, " ".join(
+            f"{k}={clean[k]:.4g}" for k in ("reward/overall/mean", "loss", "completion/mean_length") if k in clean))
+
+    def log_samples(self, samples, rollout, reward_batch):
+        if self.logger is None or self.global_rank != 0 or not hasattr(self.logger, "run_id"):
+            return
+        G = self.algo.group_size
+        table = {
+            "step": [self.grpo_step] * len(rollout.texts),
+            "id": [s.id for s in samples for _ in range(G)],
+            "solution": [s.solution for s in samples for _ in range(G)],
+            "completion": rollout.texts,
+            "overall": list(reward_batch.overall),
+        }
+        for name, values in reward_batch.components.items():
+            table[name] = list(values)
+        self.logger.experiment.log_table(self.logger.run_id, data=table,
+                                         artifact_file=f"samples/step_{self.grpo_step:05d}.json")
+
+
+def select_rewards(batch: RewardBatch, rows: list[int]) -> RewardBatch:
+    return RewardBatch({k: [v[i] for i in rows] for k, v in batch.components.items()}, [batch.overall[i] for i in rows])
+
+
+def concat_rewards(batches: list[RewardBatch]) -> RewardBatch:
+    return RewardBatch({k: [x for b in batches for x in b.components[k]] for k in batches[0].components},
+                       [x for b in batches for x in b.overall])
+
+
+def backbone_uses_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def to_tensor(values) -> torch.Tensor:
+    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)

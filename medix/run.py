@@ -1,0 +1,96 @@
+"""`python -m medix.run`: train a policy with a GRPO-family algorithm and the composite medical reward."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from medix.errors import MedixError
+
+log = logging.getLogger("medix.run")
+
+
+def output_dir_of(cfg) -> Path:
+    if cfg.paths.output_dir:
+        path = Path(cfg.paths.output_dir)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        path = Path(HydraConfig.get().runtime.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job end to end; returns the last logged metrics."""
+    import lightning as L
+
+    from medix.data import PromptDataModule, load_samples, split_samples
+    from medix.data.images import load_image
+    from medix.grpo.module import GRPOModule
+    from medix.judges import build_judge
+    from medix.models import load_backbone
+    from medix.rewards import build_reward
+    from medix.rewards.embedding import build_embedder
+    from medix.tracking.mlflow_run import build_mlflow_logger, log_run_config, record_failure
+    from medix.tracking.reward_hacking import RewardHackingMonitor
+
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = output_dir_of(cfg)
+    samples = load_samples(cfg.dataset)
+    train_samples, val_samples = split_samples(samples, cfg.dataset.val_size, cfg.dataset.seed)
+    backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+    embedder = build_embedder(cfg.embedder)
+    logger = build_mlflow_logger(cfg)
+    with build_judge(cfg.judge, cfg.paths.cache_dir) as judge:
+        reward = build_reward(cfg.reward, judge, embedder)
+        module = GRPOModule(
+            backbone, reward, cfg.algorithm, reasoning_tag=cfg.reasoning_tag, max_steps=cfg.trainer.max_steps,
+            refill_pool=train_samples, judge=judge, sample_table_every=cfg.logger.sample_table_every,
+            reward_monitor=RewardHackingMonitor(), seed=cfg.seed,
+            image_loader=lambda p: load_image(p, min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels),
+        )
+        datamodule = PromptDataModule(train_samples, val_samples, batch_size=cfg.algorithm.prompts_per_step,
+                                      num_workers=cfg.trainer.num_workers, seed=cfg.seed)
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+            strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, max_epochs=cfg.trainer.max_epochs,
+            logger=logger if logger is not None else False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            default_root_dir=str(output_dir), use_distributed_sampler=True,
+        )
+        if logger is not None and trainer.global_rank == 0:
+            log_run_config(logger, cfg, output_dir)
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        except BaseException as exc:
+            if logger is not None and trainer.global_rank == 0:
+                record_failure(logger, exc, output_dir)
+            raise
+        if trainer.global_rank == 0:
+            adapter_dir = output_dir / "adapter"
+            backbone.model.save_pretrained(str(adapter_dir))
+            backbone.tokenizer.save_pretrained(str(adapter_dir))
+            log.info("adapter saved to %s", adapter_dir)
+    if logger is not None:
+        log.info("MLflow run %s in %s (start `mlflow ui` in this folder to browse it)", logger.run_id,
+                 cfg.logger.tracking_uri)
+    return dict(trainer.callback_metrics)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except MedixError as exc:
+        # A problem the user can fix: one line, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

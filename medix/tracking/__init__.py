@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow params (flattened, redacted), run names, tags, artifacts."""
