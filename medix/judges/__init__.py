@@ -12,7 +12,7 @@ from medix.errors import ConfigError
 from medix.judges.assets import judge_gguf
 from medix.judges.cache import JudgeCache
 from medix.judges.client import ClientSettings, JudgeItem, OpenAIJudge
-from medix.judges.local_server import LocalLlamaServer
+from medix.judges.local_server import LocalLlamaServer, require_llama_server
 from medix.judges.rule import RuleJudge
 
 __all__ = ["Judge", "JudgeItem", "LocalJudge", "OpenAIJudge", "RuleJudge", "build_judge"]
@@ -54,6 +54,7 @@ class LocalJudge:
         unknown = set(cfg) - SERVER_KEYS
         if unknown:
             raise ConfigError(f"judge.server: unknown keys {sorted(unknown)}; expected some of {sorted(SERVER_KEYS)}")
+        require_llama_server()  # fail before assembling a 491 MB file
         model_path = judge_gguf(str(cfg.get("gguf", "qwen2.5-coder-0.5b-instruct-q4_k_m")), self.cache_dir)
         log_file = cfg.get("log_file") or self.cache_dir / "logs" / "judge_server.log"
         self.server = LocalLlamaServer(
