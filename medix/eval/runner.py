@@ -1,0 +1,227 @@
+"""One evaluation: load tasks, generate what is missing, judge what is unjudged, aggregate, report, log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from medix.errors import ConfigError, JudgeError, MedixError
+from medix.eval.items import BenchmarkItem
+from medix.eval.judge_protocol import strip_reasoning
+from medix.eval.judging import ConversationJudge, ProtocolSettings, Verdict
+from medix.eval.results import TaskResults, results_markdown, summary_metrics
+from medix.eval.tasks import TaskSpec, load_task, task_specs
+
+MODEL_KINDS = ("backbone", "endpoint")
+
+
+@dataclass
+class LoadedTask:
+    spec: TaskSpec
+    items: list[BenchmarkItem]
+    modality: str
+    store: TaskResults
+
+    def unjudged(self) -> list[BenchmarkItem]:
+        return [it for it in self.items if it.id not in self.store.items]
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, float]
+    markdown: str
+    output_dir: Path
+    run_id: str | None
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    kind = cfg.model.kind
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model.kind={kind!r}; expected one of {MODEL_KINDS}")
+    if kind == "endpoint":
+        for key in ("base_url", "name"):
+            if not cfg.model.get(key):
+                raise ConfigError(f"model.kind=endpoint needs model.{key} (an OpenAI-compatible server and its model)")
+
+
+def load_tasks(cfg: DictConfig, output_dir: Path) -> list[LoadedTask]:
+    if cfg.benchmark.get("missing", "error") not in ("error", "skip"):
+        raise ConfigError(f"benchmark.missing={cfg.benchmark.missing!r}; expected error or skip")
+    tasks = []
+    for spec in task_specs(cfg.benchmark):
+        loaded = load_task(spec, cfg.benchmark)
+        if loaded is None:
+            print(f"skipping {spec.name}: no local file under benchmark.data_dir={cfg.benchmark.data_dir}")
+            continue
+        items, modality = loaded
+        tasks.append(LoadedTask(spec, items, modality, TaskResults(output_dir, spec.name)))
+    if not tasks:
+        raise MedixError("no benchmark task has items to evaluate (all skipped)")
+    return tasks
+
+
+def build_generator(cfg: DictConfig):
+    """The model under test; the backbone is loaded only when some item still lacks a prediction."""
+    gen = cfg.generation
+    if cfg.model.kind == "endpoint":
+        from medix.eval.generation import EndpointGenerator
+
+        return EndpointGenerator(cfg.model.base_url, cfg.model.name, cfg.model.api_key,
+                                 max_new_tokens=gen.max_new_tokens, max_concurrency=gen.max_concurrency,
+                                 timeout_s=cfg.model.timeout_s, max_retries=cfg.model.max_retries,
+                                 send_images=cfg.model.send_images)
+    from medix.eval.generation import BackboneGenerator
+    from medix.models import load_adapter, load_backbone
+
+    backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+    if cfg.model.get("adapter"):
+        backbone.model = load_adapter(backbone.model, cfg.model.adapter)
+    return BackboneGenerator(backbone, max_new_tokens=gen.max_new_tokens, reasoning_tag=cfg.reasoning_tag,
+                             use_training_prompt=gen.use_training_prompt)
+
+
+class RuleVerdicts:
+    """judge=rule: one deterministic verdict per item from medix.judges (no rounds, no LLM)."""
+
+    def __init__(self, judge, reasoning_tag: str):
+        self.judge = judge
+        self.reasoning_tag = reasoning_tag
+        self.items = 0
+
+    async def judge_item(self, scoring: str, question: str, reference: str, prediction: str) -> Verdict:
+        from medix.judges.client import JudgeItem
+
+        [score] = self.judge.score([JudgeItem(question, strip_reasoning(prediction, self.reasoning_tag), reference)])
+        self.items += 1
+        return Verdict([float(score or 0.0)], [], 0, 0, float(score or 0.0))
+
+    def metrics(self) -> dict[str, float]:
+        return {"judge/calls": 0.0, "judge/cache_hit_rate": 0.0, "judge/items": float(self.items)}
+
+
+def judge_endpoint(cfg: DictConfig, stack: contextlib.ExitStack) -> tuple[str | None, object | None]:
+    """(base_url, None) for an OpenAI-compatible judge (the local kind is started here), or (None, rule judge)."""
+    kind = cfg.judge.kind
+    if kind == "openai":
+        return cfg.judge.base_url, None
+    from medix.judges import build_judge
+
+    judge = stack.enter_context(build_judge(cfg.judge, cfg.paths.cache_dir))
+    if kind == "rule":
+        return None, judge
+    base_url = getattr(judge, "base_url", None) or getattr(getattr(judge, "server", None), "base_url", None)
+    if not base_url:
+        raise JudgeError(f"judge kind {kind!r} started but exposes no base_url for the evaluation protocol")
+    return base_url, None
+
+
+def conversation_judge(cfg: DictConfig, base_url: str) -> ConversationJudge:
+    import openai
+
+    from medix.judges.cache import JudgeCache
+
+    judge, protocol = cfg.judge, cfg.judge_protocol
+    cache = JudgeCache(judge.cache.path) if judge.get("cache") and judge.cache.enabled else None
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=judge.api_key, timeout=judge.timeout_s,
+                                max_retries=judge.max_retries)
+    settings = ProtocolSettings(rounds=protocol.rounds, max_parse_retries=protocol.max_parse_retries,
+                                parse_failure_score=protocol.parse_failure_score, max_tokens=protocol.max_tokens,
+                                prompt_suffix=protocol.prompt_suffix or "")
+    return ConversationJudge(client, judge.model, temperature=judge.temperature, protocol=settings,
+                             reasoning_tag=cfg.reasoning_tag, cache=cache, max_concurrency=judge.max_concurrency)
+
+
+def first_medix_error(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = first_medix_error(exc)
+        if isinstance(exc, MedixError):
+            return exc
+    return group.exceptions[0]
+
+
+async def evaluate_task(task: LoadedTask, generator, judge, batch_size: int) -> None:
+    """Generate missing predictions chunk by chunk while earlier chunks are judged; append each result at once."""
+    store = task.store
+
+    async def judge_one(item: BenchmarkItem, prediction: str) -> None:
+        judge_call = judge.judge_item if isinstance(judge, RuleVerdicts) else judge.judge
+        verdict = await judge_call(task.spec.scoring, item.question, item.reference, prediction)
+        store.add_item({"id": item.id, "question": item.question, "reference": item.reference,
+                        "prediction": prediction, "round_scores": verdict.round_scores, "replies": verdict.replies,
+                        "score": verdict.score, "parse_failures": verdict.parse_failures,
+                        "unparsed_replies": verdict.unparsed_replies})
+
+    pending = task.unjudged()
+    to_generate = [it for it in pending if it.id not in store.predictions]
+    async with asyncio.TaskGroup() as group:
+        for item in pending:
+            if item.id in store.predictions:
+                group.create_task(judge_one(item, store.predictions[item.id]))
+        for start in range(0, len(to_generate), batch_size):
+            chunk = to_generate[start:start + batch_size]
+            if asyncio.iscoroutinefunction(generator.generate):
+                predictions = await generator.generate(chunk)
+            else:
+                predictions = await asyncio.to_thread(generator.generate, chunk)
+            for item, prediction in zip(chunk, predictions):
+                store.add_prediction(item.id, prediction)
+                group.create_task(judge_one(item, prediction))
+
+
+def run_params(cfg: DictConfig, tasks: list[LoadedTask]) -> dict:
+    """What an eval run is, for MLflow params (no API keys)."""
+    model = cfg.model.name if cfg.model.kind == "endpoint" else cfg.backbone.name
+    return {"model.kind": cfg.model.kind, "model": model, "model.adapter": cfg.model.get("adapter"),
+            "judge.kind": cfg.judge.kind, "judge.model": cfg.judge.get("model"),
+            "tasks": ",".join(t.spec.name for t in tasks), "benchmark.limit": cfg.benchmark.get("limit"),
+            "benchmark.data_dir": cfg.benchmark.get("data_dir"), "benchmark.path": cfg.benchmark.get("path"),
+            "reasoning_tag": cfg.reasoning_tag, "seed": cfg.seed,
+            **{f"generation.{k}": v for k, v in OmegaConf.to_container(cfg.generation).items()},
+            **{f"judge_protocol.{k}": v for k, v in OmegaConf.to_container(cfg.judge_protocol).items()}}
+
+
+def run_evaluation(cfg: DictConfig) -> EvalOutcome:
+    check_model_config(cfg)
+    output_dir = Path(cfg.eval.output_dir)
+    tasks = load_tasks(cfg, output_dir)
+    started = time.perf_counter()
+    judge_metrics: dict[str, float] = {}
+    if any(t.unjudged() for t in tasks):
+        needs_generation = any(it.id not in t.store.predictions for t in tasks for it in t.unjudged())
+        generator = build_generator(cfg) if needs_generation else None
+        with contextlib.ExitStack() as stack:
+            base_url, rule_judge = judge_endpoint(cfg, stack)
+
+            async def main() -> dict[str, float]:
+                judge = RuleVerdicts(rule_judge, cfg.reasoning_tag) if rule_judge else conversation_judge(cfg, base_url)
+                try:
+                    for task in tasks:
+                        if task.unjudged():
+                            print(f"{task.spec.name}: {len(task.unjudged())} of {len(task.items)} items to evaluate")
+                            await evaluate_task(task, generator, judge, cfg.generation.batch_size)
+                except BaseExceptionGroup as group:
+                    raise first_medix_error(group) from None
+                return judge.counters.metrics() if isinstance(judge, ConversationJudge) else judge.metrics()
+
+            judge_metrics = asyncio.run(main())
+    modalities = {t.spec.name: t.modality for t in tasks}
+    rows = {t.spec.name: [t.store.items[it.id] for it in t.items] for t in tasks}
+    metrics = {**summary_metrics(rows, modalities), **judge_metrics, "time/eval_s": time.perf_counter() - started}
+    model_name = cfg.model.name if cfg.model.kind == "endpoint" else cfg.backbone.name
+    markdown = results_markdown(metrics, modalities, title=f"{model_name} (judge: {cfg.judge.get('model')})")
+    (output_dir / "results.md").write_text(markdown, encoding="utf-8")
+    run_id = None
+    logger = cfg.get("logger")
+    if logger and logger.get("tracking_uri"):
+        from medix.eval.tracking import log_eval_run
+
+        run_id = log_eval_run(logger.tracking_uri, cfg.eval.experiment, cfg.eval.get("run_name"),
+                              run_params(cfg, tasks), metrics,
+                              {t.spec.name: t.store.items_path for t in tasks}, output_dir / "results.md")
+    return EvalOutcome(metrics, markdown, output_dir, run_id)

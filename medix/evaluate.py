@@ -1,0 +1,47 @@
+"""`python -m medix.evaluate`: evaluate a model on the paper's benchmarks, or compare finished eval runs."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from medix.errors import ConfigError, MedixError
+
+
+def compare(cfg: DictConfig) -> str:
+    from medix.eval.tracking import compare_markdown
+
+    uri = cfg.logger.get("tracking_uri")
+    if not uri:
+        raise ConfigError("compare needs logger.tracking_uri (logger=mlflow)")
+    if isinstance(cfg.compare, ListConfig):
+        return compare_markdown(uri, run_ids=[str(r) for r in cfg.compare])
+    if isinstance(cfg.compare, DictConfig) and cfg.compare.get("experiment"):
+        return compare_markdown(uri, experiment=cfg.compare.experiment)
+    raise ConfigError("compare: expected a list of run ids (compare=[id1,id2]) or +compare.experiment=<name>")
+
+
+def main(cfg: DictConfig) -> None:
+    try:
+        if cfg.get("compare") is not None:
+            print(compare(cfg))
+            return
+        from medix.eval.runner import run_evaluation
+
+        outcome = run_evaluation(cfg)
+        print(outcome.markdown)
+        print(f"results: {outcome.output_dir / 'results.md'}" + (f"  mlflow run: {outcome.run_id}" if outcome.run_id else ""))
+    except MedixError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
+def cli(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    cli()
