@@ -107,10 +107,12 @@ def validate_rows(rows, *, where: str, base_dir: Path | None, default_source: st
 
 
 def split_samples(samples: list[Sample], val_size: int | float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Seeded shuffle, then the first `val_size` (a count, or a fraction in (0, 1)) go to validation."""
-    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0:
-        raise ConfigError(f"dataset.val_size={val_size!r}; expected a count >= 0 or a fraction in (0, 1)")
-    count = round(len(samples) * val_size) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    """Seeded shuffle, then the first `val_size` samples (an int count, or a float fraction) go to validation."""
+    is_count = isinstance(val_size, int) and not isinstance(val_size, bool) and val_size >= 0
+    is_fraction = isinstance(val_size, float) and 0.0 <= val_size < 1.0
+    if not (is_count or is_fraction):
+        raise ConfigError(f"dataset.val_size={val_size!r}; expected a count >= 0 (int) or a fraction in [0, 1) (float)")
+    count = round(len(samples) * val_size) if is_fraction else val_size
     if count >= len(samples):
         raise ConfigError(
             f"dataset.val_size={val_size!r} leaves no training samples out of {len(samples)}; use a smaller count or fraction")
