@@ -21,7 +21,7 @@ CLIENT_KEYS = {f.name for f in dataclasses.fields(ClientSettings)} - {"start_hin
 SERVER_KEYS = {"gguf", "host", "port", "n_ctx", "n_threads", "logits_all", "startup_timeout_s", "log_file"}
 KEYS = {
     "openai": CLIENT_KEYS | {"kind", "cache"},
-    "local": CLIENT_KEYS | {"kind", "cache", "server"},
+    "local": (CLIENT_KEYS - {"base_url"}) | {"kind", "cache", "server"},  # base_url: the started server
     "rule": {"kind"},
 }
 
