@@ -234,7 +234,8 @@ def test_hub_loader_saves_images_from_a_local_dataset_folder(tmp_path, vqa_rad_i
     samples = load_samples(config)
     assert [s.id for s in samples] == ["h/1", "h2"] and [len(s.images) for s in samples] == [1, 2]
     saved = Path(samples[0].images[0])
-    assert saved.parent == tmp_path / "images" and saved.name == "h_1_0.jpg"
+    assert saved.parent == tmp_path / "images" and saved.name.startswith("h_1-") and saved.name.endswith("_0.jpg")
+    assert Path(samples[1].images[1]).name == "h2_1.jpg"
     assert saved.read_bytes() == vqa_rad_images[0].read_bytes()
     assert [s.images for s in load_samples(config)] == [s.images for s in samples]  # written once, then reused
 

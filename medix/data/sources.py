@@ -1,5 +1,6 @@
 """Where rows come from (bundled medix_mini, a local JSONL/parquet file, the MBZUAI/medix-rl-data hub set) and load_samples."""
 
+import hashlib
 import json
 import logging
 import re
@@ -10,6 +11,7 @@ from medix.errors import ConfigError, DataError, MedixError
 
 log = logging.getLogger(__name__)
 MINI_PATH = Path(__file__).with_name("medix_mini.jsonl")
+IMAGE_SUFFIXES = (".jpg", ".png", ".webp", ".gif", ".bmp", ".tiff", ".mpo")
 
 
 def read_jsonl(path: Path):
@@ -49,13 +51,14 @@ def _save_hub_image(image, target_stem: Path) -> str:
 
     if isinstance(image, str):
         return image
-    existing = sorted(target_stem.parent.glob(target_stem.name + ".*"))
-    if existing:
-        return str(existing[0])
+    for suffix in IMAGE_SUFFIXES:  # written by an earlier load (a stat per suffix, not a folder scan)
+        if target_stem.with_suffix(suffix).is_file():
+            return str(target_stem.with_suffix(suffix))
     if isinstance(image, dict) and image.get("bytes"):
         data = image["bytes"]
         with Image.open(BytesIO(data)) as opened:
             suffix = "." + (opened.format or "png").lower().replace("jpeg", "jpg")
+        suffix = suffix if suffix in IMAGE_SUFFIXES else ".png"
         target = target_stem.with_suffix(suffix)
         target.write_bytes(data)
         return str(target)
@@ -66,6 +69,12 @@ def _save_hub_image(image, target_stem: Path) -> str:
         image.save(target)
         return str(target)
     raise ValueError(f"field 'image': unsupported hub image cell of type {type(image).__name__}")
+
+
+def file_stem_of(row_id: str) -> str:
+    """A row id as a file name: unchanged when already safe, else sanitised plus a short hash (no collisions)."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", row_id)
+    return safe if safe == row_id else f"{safe}-{hashlib.sha1(row_id.encode()).hexdigest()[:8]}"
 
 
 def read_hub_rows(hub_id: str, split: str, image_dir: Path):
@@ -86,7 +95,7 @@ def read_hub_rows(hub_id: str, split: str, image_dir: Path):
         images = row.get("image") or []
         if not isinstance(images, list):
             images = [images]
-        safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", str(row.get("id")))
+        safe_id = file_stem_of(str(row.get("id")))
         try:
             row["image"] = [_save_hub_image(image, image_dir / f"{safe_id}_{k}") for k, image in enumerate(images)]
         except (ValueError, OSError) as error:
