@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -29,7 +30,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job end to end; returns the last logged metrics."""
     import lightning as L
 
-    from medix.data import PromptDataModule, load_samples, split_samples
+    from medix.data import PromptDataModule, load_report, split_samples
     from medix.data.images import load_image
     from medix.grpo.module import GRPOModule
     from medix.judges import build_judge
@@ -41,12 +42,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     L.seed_everything(cfg.seed, workers=True)
     output_dir = output_dir_of(cfg)
-    samples = load_samples(cfg.dataset)
-    train_samples, val_samples = split_samples(samples, cfg.dataset.val_size, cfg.dataset.seed)
+    data = load_report(cfg.dataset)
+    train_samples, val_samples = split_samples(data.samples, cfg.dataset.val_size, cfg.dataset.seed)
     backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir)
-    embedder = build_embedder(cfg.embedder)
+    # A component with weight 0 is not computed, so its model is never loaded (an embed-only run starts no judge).
+    embedder = build_embedder(cfg.embedder) if cfg.reward.weights.embedding > 0 else None
+    judge_context = build_judge(cfg.judge, cfg.paths.cache_dir) if cfg.reward.weights.llm_judge > 0 else nullcontext()
     logger = build_mlflow_logger(cfg)
-    with build_judge(cfg.judge, cfg.paths.cache_dir) as judge:
+    with judge_context as judge:
         reward = build_reward(cfg.reward, judge, embedder)
         module = GRPOModule(
             backbone, reward, cfg.algorithm, reasoning_tag=cfg.reasoning_tag, max_steps=cfg.trainer.max_steps,
@@ -65,6 +68,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         if logger is not None and trainer.global_rank == 0:
             log_run_config(logger, cfg, output_dir)
+            logger.log_metrics({"data/train_rows": len(train_samples), "data/val_rows": len(val_samples),
+                                "data/skipped_rows": len(data.skipped)}, step=0)
         try:
             trainer.fit(module, datamodule=datamodule)
         except BaseException as exc:

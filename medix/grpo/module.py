@@ -53,6 +53,9 @@ class GRPOModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return [optimizer], [schedule]
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a list of Samples (text and image paths); tensors are made on the device during rollout
+
     # ---- the step -----------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         if self.grpo_step >= self.max_steps:

