@@ -174,18 +174,6 @@ async def evaluate_task(task: LoadedTask, generator, judge, batch_size: int) -> 
                 group.create_task(judge_one(item, prediction))
 
 
-def run_params(cfg: DictConfig, tasks: list[LoadedTask]) -> dict:
-    """What an eval run is, for MLflow params (no API keys)."""
-    model = cfg.model.name if cfg.model.kind == "endpoint" else cfg.backbone.name
-    return {"model.kind": cfg.model.kind, "model": model, "model.adapter": cfg.model.get("adapter"),
-            "judge.kind": cfg.judge.kind, "judge.model": cfg.judge.get("model"),
-            "tasks": ",".join(t.spec.name for t in tasks), "benchmark.limit": cfg.benchmark.get("limit"),
-            "benchmark.data_dir": cfg.benchmark.get("data_dir"), "benchmark.path": cfg.benchmark.get("path"),
-            "reasoning_tag": cfg.reasoning_tag, "seed": cfg.seed,
-            **{f"generation.{k}": v for k, v in OmegaConf.to_container(cfg.generation).items()},
-            **{f"judge_protocol.{k}": v for k, v in OmegaConf.to_container(cfg.judge_protocol).items()}}
-
-
 def run_evaluation(cfg: DictConfig) -> EvalOutcome:
     check_model_config(cfg)
     output_dir = Path(cfg.eval.output_dir)
@@ -220,8 +208,9 @@ def run_evaluation(cfg: DictConfig) -> EvalOutcome:
     logger = cfg.get("logger")
     if logger and logger.get("tracking_uri"):
         from medix.eval.tracking import log_eval_run
+        from medix.tracking.params import run_params
 
         run_id = log_eval_run(logger.tracking_uri, cfg.eval.experiment, cfg.eval.get("run_name"),
-                              run_params(cfg, tasks), metrics,
+                              run_params(cfg), metrics,
                               {t.spec.name: t.store.items_path for t in tasks}, output_dir / "results.md")
     return EvalOutcome(metrics, markdown, output_dir, run_id)
