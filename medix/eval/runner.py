@@ -76,11 +76,12 @@ def build_generator(cfg: DictConfig):
                                  timeout_s=cfg.model.timeout_s, max_retries=cfg.model.max_retries,
                                  send_images=cfg.model.send_images)
     from medix.eval.generation import BackboneGenerator
-    from medix.models import load_adapter, load_backbone
+    from medix.models import load_backbone
 
-    backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir)
-    if cfg.model.get("adapter"):
-        backbone.model = load_adapter(backbone.model, cfg.model.adapter)
+    backbone_cfg = cfg.backbone.copy()
+    if cfg.model.get("adapter"):  # load_backbone applies it (LoRA weights, and the tiny_vlm vision tower)
+        backbone_cfg.adapter = cfg.model.adapter
+    backbone = load_backbone(backbone_cfg, cfg.paths.cache_dir)
     return BackboneGenerator(backbone, max_new_tokens=gen.max_new_tokens, reasoning_tag=cfg.reasoning_tag,
                              use_training_prompt=gen.use_training_prompt)
 
