@@ -38,6 +38,15 @@ def agreement(labels: list[int], scores: list[float | None], threshold: float = 
     return {"n": n, "failed": len(scores) - n, "accuracy": acc, "kappa": kappa, "tp": tp, "tn": tn, "fp": fp, "fn": fn}
 
 
+def auc(labels: list[int], scores: list[float | None]) -> float | None:
+    """Probability that a YES pair scores above a NO pair (ties count half); meaningful for scoring=logprob."""
+    yes = [s for y, s in zip(labels, scores) if y == 1 and s is not None]
+    no = [s for y, s in zip(labels, scores) if y == 0 and s is not None]
+    if not yes or not no:
+        return None
+    return sum((a > b) + 0.5 * (a == b) for a in yes for b in no) / (len(yes) * len(no))
+
+
 def judge_cfg(spec: str, cache_dir: Path):
     name, *overrides = spec.split("+")
     root = OmegaConf.create({"paths": {"cache_dir": str(cache_dir)},
@@ -75,6 +84,7 @@ def main() -> None:
             by_kind[row["kind"]][1].append(s)
         results[spec] = {
             **agreement(labels, scores),
+            "auc": auc(labels, scores),
             "startup_s": ready - started,
             "score_s_per_item": (scored - ready) / len(items),
             "judge_latency_s": stats.get("judge/latency_s"),
@@ -83,7 +93,7 @@ def main() -> None:
         }
         r = results[spec]
         print(f"{spec:32s} acc={r['accuracy']:.3f} kappa={r['kappa']:.3f} failed={r['failed']} "
-              f"tp={r['tp']} tn={r['tn']} fp={r['fp']} fn={r['fn']} startup={r['startup_s']:.1f}s "
+              f"auc={r['auc'] if r['auc'] is None else round(r['auc'], 3)} tp={r['tp']} tn={r['tn']} fp={r['fp']} fn={r['fn']} startup={r['startup_s']:.1f}s "
               f"per_item={r['score_s_per_item'] * 1000:.1f}ms by_kind={r['accuracy_by_kind']}", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cpu {platform.processor()}",
             "pairs": len(rows)}
