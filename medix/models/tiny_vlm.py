@@ -4,6 +4,7 @@ the VLM code paths (processor, pixel values, rollout, LoRA, saving) on a CPU, ne
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from contextlib import contextmanager
@@ -118,6 +119,10 @@ class TinyVLMProcessor:
             enc["pixel_values"] = pixels
         return enc
 
+    @property
+    def chat_template(self):
+        return self.tokenizer.chat_template
+
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
@@ -144,6 +149,10 @@ class TinyVLM(nn.Module):
     @property
     def generation_config(self):
         return self.language_model.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.projector.weight.device
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -234,6 +243,32 @@ class TinyVLM(nn.Module):
         save_file(state, str(directory / VISION_FILE))
         (directory / VISION_CONFIG_FILE).write_text(json.dumps(self.vision_tower.shape, indent=2) + "\n")
 
+    def load_trained(self, directory: str | Path) -> "TinyVLM":
+        """Load what save_pretrained wrote (LoRA adapter or full LM, and the vision tower) into this model."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        from medix.models.backbone import load_adapter
+
+        directory = Path(directory)
+        if not (directory / VISION_FILE).is_file():
+            raise ConfigError(f"adapter {str(directory)!r} has no {VISION_FILE} (expected a tiny_vlm run's adapter/)")
+        saved = json.loads((directory / VISION_CONFIG_FILE).read_text())
+        if saved != self.vision_tower.shape:
+            raise ConfigError(f"adapter {str(directory)!r} holds a vision tower shaped {saved} but backbone.vision "
+                              f"asks for {self.vision_tower.shape}; set backbone.vision to match")
+        if (directory / "adapter_config.json").is_file():
+            self.language_model = load_adapter(self.language_model, directory)
+        elif (directory / "config.json").is_file():
+            dtype = self.language_model.get_input_embeddings().weight.dtype
+            self.language_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        if hasattr(self.language_model, "peft_config") and self.reference_vision is None:
+            self.reference_vision = copy.deepcopy(self.vision_tower).requires_grad_(False)
+        trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        self.vision_tower.load_state_dict(load_file(str(directory / VISION_FILE)))
+        self.vision_tower.requires_grad_(trainable)
+        return self
+
 
 def build_vision_tower(vision_cfg, hidden_size: int, embedding_std: float) -> TinyVisionTower:
     """The seeded random tower; the global torch RNG is left untouched."""
@@ -257,58 +292,39 @@ def language_model_cfg(cfg):
                              "gguf": OmegaConf.to_container(cfg.gguf) if cfg.gguf is not None else None})
 
 
-def check_saved_vision(directory: Path, vision_cfg) -> None:
-    saved = json.loads((directory / VISION_CONFIG_FILE).read_text())
-    wanted = {k: int(vision_cfg[k]) for k in VISION_KEYS}
-    if saved != wanted:
-        raise ConfigError(f"backbone.adapter={str(directory)!r} holds a vision tower shaped {saved} but "
-                          f"backbone.vision asks for {wanted}; set backbone.vision to match")
-
-
 def load_tiny_vlm(cfg, cache_dir: str | Path):
     """Build `backbone=tiny_vlm`: SmolLM2 + the seeded vision tower, the processor, LoRA and a saved adapter."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medix.models.backbone import DTYPES, Backbone, apply_lora, load_adapter, resolve_model_path
+    from medix.models.backbone import DTYPES, Backbone, apply_lora, resolve_model_path
 
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"backbone.dtype={cfg.dtype!r}; expected one of {sorted(DTYPES)}")
-    adapter = Path(cfg.adapter) if cfg.get("adapter") else None
-    if adapter is not None and not (adapter / VISION_FILE).is_file():
-        raise ConfigError(f"backbone.adapter={str(adapter)!r} has no {VISION_FILE} (expected a tiny_vlm run's adapter/)")
     path = resolve_model_path(language_model_cfg(cfg), cache_dir)
-    full_lm = adapter is not None and (adapter / "config.json").is_file()  # saved without LoRA: the whole LM
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(str(adapter) if full_lm else path, dtype=DTYPES[cfg.dtype])
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if lm.get_input_embeddings().weight.shape[0] <= image_token_id:
-        embedding_rows = lm.get_input_embeddings().weight.shape[0]
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():  # deterministic; the row is never used (replaced on input, masked on output)
-            lm.get_input_embeddings().weight[embedding_rows:] = 0.0
+    embedding_rows = lm.get_input_embeddings().weight.shape[0]
     embedding_std = float(lm.get_input_embeddings().weight.detach().float().std())
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():  # deterministic; the row is never used (replaced on input, masked on output)
+        lm.get_input_embeddings().weight[embedding_rows:] = 0.0
     tower = build_vision_tower(cfg.vision, lm.config.hidden_size, embedding_std).to(DTYPES[cfg.dtype])
+    tower.requires_grad_(bool(cfg.train_vision_tower))
     tokens_per_image = (int(cfg.vision.image_size) // int(cfg.vision.patch_size)) ** 2
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.config.use_cache = False
     if cfg.lora.enabled:
         lm = apply_lora(lm, cfg.lora)
-    if adapter is not None and (adapter / "adapter_config.json").is_file():
-        lm = load_adapter(lm, adapter)
     model = TinyVLM(lm, tower, image_token_id, tokens_per_image)
-    if hasattr(lm, "peft_config"):
-        import copy
-
+    if cfg.lora.enabled:
         model.reference_vision = copy.deepcopy(tower).requires_grad_(False)
-    if adapter is not None:
-        check_saved_vision(adapter, cfg.vision)
-        tower.load_state_dict(load_file(str(adapter / VISION_FILE)))
-    tower.requires_grad_(bool(cfg.train_vision_tower))
+    if cfg.get("adapter"):
+        model.load_trained(cfg.adapter)
     processor = TinyVLMProcessor(tokenizer, TinyImageProcessor(int(cfg.vision.image_size)), tokens_per_image)
     return Backbone(model=model, tokenizer=tokenizer, processor=processor, is_vlm=True, name=cfg.name)
