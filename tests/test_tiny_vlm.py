@@ -202,6 +202,7 @@ def test_frozen_tower_without_lora_with_checkpointing(images):
     model, processor = backbone.model.train(), backbone.processor
     assert not hasattr(model, "peft_config") and not hasattr(model, "disable_adapter")  # GRPO deep-copies a reference
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert model.language_model.is_activation_checkpointing and not model.language_model.config.use_cache
     enc = processor(text=[chat(processor, 1)], images=[[images[2]]], return_tensors="pt")
     model(**enc).logits[:, -1].logsumexp(-1).sum().backward()
     assert model.language_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0

@@ -199,10 +199,13 @@ class TinyVLM(nn.Module):
         return self.language_model.generate(input_ids=input_ids, inputs_embeds=self.embed(input_ids, pixel_values),
                                             attention_mask=attention_mask, suppress_tokens=suppress, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+        """Checkpoint the LM's decoder layers (the vision tower is too small to matter)."""
+        self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs)
         self.language_model.config.use_cache = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     # ---- LoRA (present only when the language model is peft-wrapped) -----------------------------------------------
     @property
@@ -316,12 +319,11 @@ def load_tiny_vlm(cfg, cache_dir: str | Path):
     tower = build_vision_tower(cfg.vision, lm.config.hidden_size, embedding_std).to(DTYPES[cfg.dtype])
     tower.requires_grad_(bool(cfg.train_vision_tower))
     tokens_per_image = (int(cfg.vision.image_size) // int(cfg.vision.patch_size)) ** 2
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lm.config.use_cache = False
     if cfg.lora.enabled:
         lm = apply_lora(lm, cfg.lora)
     model = TinyVLM(lm, tower, image_token_id, tokens_per_image)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
     if cfg.lora.enabled:
         model.reference_vision = copy.deepcopy(tower).requires_grad_(False)
     if cfg.get("adapter"):
