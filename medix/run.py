@@ -27,7 +27,7 @@ def output_dir_of(cfg) -> Path:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one training job end to end; returns the last logged metrics."""
+    """Run one training job end to end; returns the last validation metrics (`val/reward/<c>/mean|std`)."""
     import lightning as L
 
     from medix.data import PromptDataModule, load_report, split_samples
@@ -54,7 +54,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         module = GRPOModule(
             backbone, reward, cfg.algorithm, reasoning_tag=cfg.reasoning_tag, max_steps=cfg.trainer.max_steps,
             refill_pool=train_samples, judge=judge, sample_table_every=cfg.logger.sample_table_every,
-            reward_monitor=RewardHackingMonitor(), seed=cfg.seed,
+            reward_monitor=RewardHackingMonitor(), seed=cfg.seed, val_samples=val_samples,
+            val_every=cfg.trainer.val_every,
             image_loader=lambda p: load_image(p, min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels),
         )
         datamodule = PromptDataModule(train_samples, val_samples, batch_size=cfg.algorithm.prompts_per_step,
@@ -84,17 +85,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if logger is not None:
         log.info("MLflow run %s in %s (start `mlflow ui` in this folder to browse it)", logger.run_id,
                  cfg.logger.tracking_uri)
-    return dict(trainer.callback_metrics)
+    return module.val_metrics
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Train; returns `cfg.optimize_metric` of the last validation (the objective of an Optuna sweep)."""
     try:
-        train(cfg)
-    except MedixError as exc:
-        # A problem the user can fix: one line, no traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        metrics = train(cfg)
+    except Exception as exc:
+        if in_multirun():  # the run is already marked FAILED in MLflow; the sweep goes on with the next job
+            log.error("job failed: %s: %s", exc.__class__.__name__, exc)
+            return float("nan")
+        if isinstance(exc, MedixError):  # a problem the user can fix: one line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    return metrics.get(cfg.optimize_metric) if cfg.optimize_metric else None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ class GRPOModule(L.LightningModule):
     """One training step = one rollout of `prompts_per_step` prompts × `group_size` completions and its updates."""
 
     def __init__(self, backbone, reward, algorithm, *, reasoning_tag: str, max_steps: int, refill_pool=None,
-                 judge=None, sample_table_every: int = 0, reward_monitor=None, seed: int = 0, image_loader=None):
+                 judge=None, sample_table_every: int = 0, reward_monitor=None, seed: int = 0, image_loader=None,
+                 val_samples=None, val_every: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.backbone = backbone
@@ -38,6 +39,9 @@ class GRPOModule(L.LightningModule):
         self.sample_table_every = sample_table_every
         self.reward_monitor = reward_monitor
         self.image_loader = image_loader
+        self.val_samples = list(val_samples or [])
+        self.val_every = val_every
+        self.val_metrics: dict[str, float] = {}
         self.grpo_step = 0
         self.ref_model = None
         if algorithm.beta > 0 and not backbone_uses_lora(self.model):
@@ -75,8 +79,29 @@ class GRPOModule(L.LightningModule):
             metrics.update(self.judge.stats())
         metrics["lr"] = self.optimizers().param_groups[0]["lr"]
         self.grpo_step += 1
+        if self.val_samples and self.val_every and (self.grpo_step % self.val_every == 0
+                                                    or self.grpo_step == self.max_steps):
+            self.val_metrics = self.validation_rewards()
+            metrics.update(self.val_metrics)
         self.log_step(metrics, samples, rollout, reward_batch)
         return None
+
+    @torch.no_grad()
+    def validation_rewards(self) -> dict[str, float]:
+        """The reward of one sampled completion per held-out prompt, as `val/reward/<c>/mean|std`."""
+        t0 = time.perf_counter()
+        size = max(int(self.algo.prompts_per_step) * int(self.algo.group_size), 1)
+        texts, solutions, questions = [], [], []
+        for start in range(0, len(self.val_samples), size):
+            chunk = self.val_samples[start:start + size]
+            rollout = self.rollout(chunk, group_size=1)
+            texts += rollout.texts
+            solutions += [s.solution for s in chunk]
+            questions += [s.problem for s in chunk]
+        reward_batch = self.reward(texts, solutions, questions)
+        metrics = {f"val/{k}": v for k, v in reward_batch.metrics().items()}
+        metrics["time/validation_s"] = time.perf_counter() - t0
+        return self.reduce_across_ranks(metrics)
 
     def collect(self, batch, timings):
         """Roll out and score; with dynamic sampling (DAPO) keep informative groups and refill up to max_tries."""
@@ -120,14 +145,14 @@ class GRPOModule(L.LightningModule):
         return (kept_samples, select_rows(merged, list(range(n))), torch.cat(kept_rewards)[:n],
                 select_rewards(concat_rewards(kept_batches), list(range(n))), metrics)
 
-    def rollout(self, samples) -> Rollout:
+    def rollout(self, samples, group_size: int | None = None) -> Rollout:
         processor = self.backbone.processor
         prompts = [render_prompt(s, processor or self.backbone.tokenizer, self.reasoning_tag) for s in samples]
         images = None
         if self.backbone.is_vlm and any(s.images for s in samples):
             images = [[self.image_loader(p) for p in s.images] for s in samples]
         return generate_completions(
-            self.model, self.backbone.tokenizer, prompts, group_size=self.algo.group_size,
+            self.model, self.backbone.tokenizer, prompts, group_size=group_size or self.algo.group_size,
             max_new_tokens=self.algo.max_new_tokens, temperature=self.algo.temperature, top_p=self.algo.top_p,
             processor=processor, images=images, cache_implementation=self.algo.get("cache_implementation"),
             min_new_tokens=self.algo.get("min_new_tokens", 0),
