@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
@@ -24,6 +25,8 @@ def compare(cfg: DictConfig) -> str:
 
 
 def main(cfg: DictConfig) -> None:
+    for name in ("httpx", "httpx2"):  # one INFO line per HTTP request drowns the progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if cfg.get("compare") is not None:
             print(compare(cfg))

@@ -110,7 +110,8 @@ def test_majority_vote_stops_once_two_rounds_agree_and_the_conversation_carries_
     q2_last = [r for r in world.judge_requests() if stripped(ITEMS[1]) in r["messages"][0]["content"]][-1]
     prompt = q2_last["messages"][0]["content"]
     assert "Correct Answer:\npancreas\n" in prompt and f"Predicted Answer:\n{stripped(ITEMS[1])}\n" in prompt
-    assert "<thinking>" not in prompt
+    assert "<thinking>" not in prompt and prompt.endswith("``` /no_think")  # judge_protocol.prompt_suffix
+    assert q2_last["max_tokens"] == 512 and q2_last["temperature"] == 0.0  # judge_protocol.max_tokens, judge.temperature
     assert [m["role"] for m in q2_last["messages"]] == ["user", "assistant", "user", "assistant", "user"]
     assert [m["content"] for m in q2_last["messages"][1:]] == [S1, REEVALUATE, S0, REEVALUATE]
     q1_prompt = next(r for r in world.judge_requests() if stripped(ITEMS[0]) in r["messages"][0]["content"])

@@ -109,6 +109,8 @@ def judge_endpoint(cfg: DictConfig, stack: contextlib.ExitStack) -> tuple[str | 
     """(base_url, None) for an OpenAI-compatible judge (the local kind is started here), or (None, rule judge)."""
     kind = cfg.judge.kind
     if kind == "openai":
+        if not cfg.judge.get("base_url"):
+            raise ConfigError("judge.base_url is not set; e.g. judge.base_url=http://127.0.0.1:8085/v1")
         return cfg.judge.base_url, None
     from medix.judges import build_judge
 
