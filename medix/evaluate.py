@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -27,6 +28,8 @@ def compare(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     for name in ("httpx", "httpx2"):  # one INFO line per HTTP request drowns the progress lines
         logging.getLogger(name).setLevel(logging.WARNING)
+    # SIGTERM unwinds like an error, so a started local judge server is stopped (finished items are already saved).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         if cfg.get("compare") is not None:
             print(compare(cfg))
