@@ -41,8 +41,14 @@ def eos_ids(tokenizer, model) -> list[int]:
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
                          temperature: float, top_p: float, processor=None, images=None,
-                         cache_implementation: str | None = None, min_new_tokens: int = 0) -> Rollout:
-    """Sample `group_size` completions for each prompt, in one batched `generate` call, in eval mode."""
+                         cache_implementation: str | None = None, min_new_tokens: int = 0,
+                         share_prompt_cache: bool = True, top_k: int | None = 0) -> Rollout:
+    """Sample `group_size` completions for each prompt, in one batched `generate` call, in eval mode.
+
+    share_prompt_cache: run each distinct prompt through the model once and copy its KV cache to the group's rows
+    (text-only models with the default dynamic cache), instead of prefilling group_size identical copies.
+    top_k: 0 samples from the full distribution (what the policy-gradient log-probs assume), whatever the model's
+    generation_config says; None keeps the generation_config's value."""
     was_training = model.training
     model.eval()
     encoder = processor if processor is not None else tokenizer
@@ -58,6 +64,12 @@ def generate_completions(model, tokenizer, prompts: list[str], *, group_size: in
     elif "image_grid_thw" in batch:  # Qwen-VL style: patches flattened; repeat each prompt's patches
         batch = repeat_qwen_vl_images(batch, enc, group_size)
     gen_eos = eos_ids(tokenizer, model)
+    extra_generate = {} if top_k is None else {"top_k": top_k}
+    if (share_prompt_cache and group_size > 1 and cache_implementation is None and set(enc) == {"input_ids", "attention_mask"}
+            and can_share_prompt(model) and enc["input_ids"].shape[1] > 1):
+        cache = prompt_cache(model, enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1])
+        cache.reorder_cache(torch.arange(len(prompts), device=device).repeat_interleave(group_size))
+        extra_generate["past_key_values"] = cache  # generate feeds only the last prompt token, then samples
     output = model.generate(
         **batch,
         do_sample=True,
@@ -68,6 +80,7 @@ def generate_completions(model, tokenizer, prompts: list[str], *, group_size: in
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=gen_eos,
         cache_implementation=cache_implementation,
+        **extra_generate,
     )
     if was_training:
         model.train()
@@ -81,6 +94,29 @@ def generate_completions(model, tokenizer, prompts: list[str], *, group_size: in
                                    skip_special_tokens=True)
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     return Rollout(input_ids, attention_mask, completion_mask, prompt_length, texts, truncated, extra)
+
+
+def can_share_prompt(model) -> bool:
+    """Prompt KV caches can be computed once and copied: a decoder-only text model, without activation
+    checkpointing (which turns the cache off in training)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "vision_config", None):
+        return False
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return not getattr(model, flag, False)
+
+
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The KV cache of `input_ids` (one row per distinct prompt); logits only for the last position."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),
+                use_cache=True, logits_to_keep=1)
+    return out.past_key_values
 
 
 def repeat_qwen_vl_images(batch: dict, enc: dict, group_size: int) -> dict:
@@ -99,20 +135,55 @@ def repeat_qwen_vl_images(batch: dict, enc: dict, group_size: int) -> dict:
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                        extra_inputs: dict | None = None, with_entropy: bool = False):
-    """Log-probability of each completion token under `model` ([B, T]); logits are kept for completion positions only."""
+                        extra_inputs: dict | None = None, with_entropy: bool = False, share_prompt: bool = True):
+    """Log-probability of each completion token under `model` ([B, T]); with_entropy also gives the entropy of each
+    position's distribution ([B, T], without gradient: it is a metric).
+
+    Logits exist only for completion positions, and log-softmax is never materialised over the vocabulary (gather
+    minus logsumexp, in row chunks). share_prompt: rows that repeat the previous row's prompt (a GRPO group) reuse its
+    prompt forward: the prompt runs once per distinct prompt (with gradient) and its KV cache is copied to the rows."""
     completion_length = input_ids.shape[1] - prompt_length
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions start at the first real token
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=completion_length + 1, use_cache=False, **(extra_inputs or {}))
-    logits = outputs.logits[:, :-1, :].float()  # position t predicts token t+1
+    position_ids = left_padded_positions(attention_mask)
     targets = input_ids[:, prompt_length:]
-    log_probs = F.log_softmax(logits, dim=-1)
-    token_logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return token_logp, None
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return token_logp, entropy
+    owners = prompt_owners(input_ids[:, :prompt_length]) if share_prompt and prompt_length > 0 else None
+    if (owners is not None and int(owners.max()) + 1 < input_ids.shape[0] and not extra_inputs
+            and can_share_prompt(model)):
+        first = torch.cat([owners.new_ones(1, dtype=torch.bool), owners[1:] != owners[:-1]])
+        prompt_out = model(input_ids=input_ids[first, :prompt_length], attention_mask=attention_mask[first, :prompt_length],
+                           position_ids=position_ids[first, :prompt_length], use_cache=True, logits_to_keep=1)
+        cache = prompt_out.past_key_values
+        cache.reorder_cache(owners)  # index_select: gradients from every row flow back to the shared prompt
+        rest = model(input_ids=targets, attention_mask=attention_mask, position_ids=position_ids[:, prompt_length:],
+                     past_key_values=cache, use_cache=True)
+        logits = torch.cat([prompt_out.logits[owners], rest.logits[:, :-1]], dim=1)  # position t predicts t+1
+    else:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        logits_to_keep=completion_length + 1, use_cache=False, **(extra_inputs or {}))
+        logits = outputs.logits[:, :-1, :]  # position t predicts token t+1
+    return token_logprobs(logits, targets, with_entropy=with_entropy)
+
+
+def prompt_owners(prompt_ids: torch.Tensor) -> torch.Tensor:
+    """For each row, the index of the run of consecutive identical prompts it belongs to ([B] long)."""
+    new_run = torch.ones(prompt_ids.shape[0], dtype=torch.long, device=prompt_ids.device)
+    new_run[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(dim=1).long()
+    return new_run.cumsum(0) - 1
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, with_entropy: bool = False,
+                   chunk_rows: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) = logit[target] - logsumexp(logits), in float32, `chunk_rows` rows at a time (so a float32
+    copy of half-precision logits never exists for the whole batch); entropy (no gradient) if asked."""
+    logps, entropies = [], []
+    for rows, row_targets in zip(logits.split(chunk_rows), targets.split(chunk_rows)):
+        rows = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+        lse = torch.logsumexp(rows, dim=-1)
+        logps.append(rows.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                probs = torch.softmax(rows, dim=-1)
+                entropies.append(lse - (probs * rows).sum(-1))
+    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
 
 def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:

@@ -1,0 +1,109 @@
+"""The rollout speed-ups change no numbers: shared-prompt log-probs and their gradients equal one plain forward,
+chunked logsumexp equals log_softmax, and the shared prompt cache samples what a plain prefill samples."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medix.grpo.rollout import completion_logprobs, generate_completions, prompt_owners, token_logprobs
+
+
+def tiny_model(seed=0, lora=False):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=97, max_position_embeddings=128, eos_token_id=1,
+                         pad_token_id=2, bos_token_id=None)
+    model = Qwen2ForCausalLM(config).float()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                 task_type="CAUSAL_LM", init_lora_weights=False))
+    return model
+
+
+def group_batch(prompts_per_step=3, group=4, prompt_len=7, completion_len=5, seed=1):
+    """Left-padded prompts (row i has i pad tokens), each repeated `group` times, then random completions."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (prompts_per_step, prompt_len), generator=gen)
+    mask = torch.ones_like(ids)
+    for i in range(prompts_per_step):
+        ids[i, :i], mask[i, :i] = 2, 0
+    ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    comp = torch.randint(3, 97, (ids.shape[0], completion_len), generator=gen)
+    comp_mask = torch.ones_like(comp)
+    comp_mask[0, -2:] = 0  # a completion that ended early (right padding)
+    return torch.cat([ids, comp], 1), torch.cat([mask, comp_mask], 1), prompt_len
+
+
+def test_prompt_owners_marks_runs_of_identical_prompts():
+    prompts = torch.tensor([[1, 2], [1, 2], [3, 4], [3, 4], [1, 2]])
+    assert prompt_owners(prompts).tolist() == [0, 0, 1, 1, 2]
+
+
+def test_token_logprobs_equal_log_softmax_and_entropy():
+    logits = torch.randn(5, 6, 97, dtype=torch.float64) * 3
+    targets = torch.randint(0, 97, (5, 6))
+    logp, entropy = token_logprobs(logits, targets, with_entropy=True, chunk_rows=2)
+    ref = F.log_softmax(logits, -1)
+    torch.testing.assert_close(logp, ref.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(entropy, -(ref.exp() * ref).sum(-1))
+    assert not entropy.requires_grad
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_logprobs_and_gradients_equal_a_plain_forward(lora):
+    model = tiny_model(lora=lora).train()
+    input_ids, attention_mask, P = group_batch()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def logp_and_grads(share):
+        model.zero_grad()
+        logp, entropy = completion_logprobs(model, input_ids, attention_mask, P, with_entropy=True, share_prompt=share)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        return logp.detach(), entropy, [p.grad.clone() for p in trainable]
+
+    shared, shared_entropy, shared_grads = logp_and_grads(True)
+    plain, plain_entropy, plain_grads = logp_and_grads(False)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_entropy, plain_entropy, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class WordTokenizer:
+    """Just enough tokenizer for generate_completions: `w5 w9` <-> ids, left padding with id 2."""
+
+    pad_token_id, eos_token_id = 2, 1
+
+    def __call__(self, text, return_tensors="pt", padding=True):
+        rows = [[int(w[1:]) for w in t.split()] for t in text]
+        width = max(map(len, rows))
+        ids = torch.tensor([[2] * (width - len(r)) + r for r in rows])
+        return {"input_ids": ids, "attention_mask": (torch.arange(width) >= width - torch.tensor([len(r) for r in rows])
+                                                     .unsqueeze(1)).long()}
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(f"w{i}" for i in row if i not in (1, 2)) for row in ids.tolist()]
+
+
+def test_shared_prompt_cache_samples_what_a_plain_prefill_samples():
+    model = tiny_model()
+    prompts = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13"]
+    outs = []
+    for share in (True, False):
+        torch.manual_seed(123)
+        outs.append(generate_completions(model, WordTokenizer(), prompts, group_size=3, max_new_tokens=6,
+                                         temperature=1.0, top_p=1.0, share_prompt_cache=share))
+    shared, plain = outs
+    assert shared.input_ids.shape == (9, 4 + 6)
+    assert torch.equal(shared.input_ids, plain.input_ids)
+    assert shared.texts == plain.texts
+    logp_shared, _ = completion_logprobs(model, shared.input_ids, shared.attention_mask, shared.prompt_length)
+    logp_plain, _ = completion_logprobs(copy.deepcopy(model), plain.input_ids, plain.attention_mask,
+                                        plain.prompt_length, share_prompt=False)
+    torch.testing.assert_close(logp_shared, logp_plain, atol=1e-5, rtol=1e-5)
