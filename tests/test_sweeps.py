@@ -138,7 +138,6 @@ def hparams_search_override(name: str) -> str:
     return f"{'' if listed else '+'}hparams_search={name}"
 
 
-@pytest.mark.slow
 def test_optuna_search_maximises_the_validation_metric(tmp_path):
     space = yaml.safe_load((REPO / "conf" / "hparams_search" / "reward_weights.yaml").read_text())
     bounds = {k: tuple(float(x) for x in re.fullmatch(r"interval\((.*),(.*)\)", v.replace(" ", "")).groups())

@@ -1,5 +1,5 @@
 """Plot the learning-curve run from its MLflow DB: per-component training rewards (running mean) and validation.
-Usage (repository root): python experiments/learning_curve/plot.py [--db experiments/learning_curve/mlflow.db]"""
+Usage (repository root): python -m experiments.learning_curve.plot [--db experiments/learning_curve/mlflow.db]"""
 
 import argparse
 from pathlib import Path
@@ -19,11 +19,11 @@ def main() -> None:
     args = parser.parse_args()
     uri = f"sqlite:///{args.db}"
     runs = load_runs(uri, ["learning_curve"]).tail(1)  # the latest finished run
-    keys = reward_keys() + ["completion/mean_length", "loss"]
+    keys = reward_keys() + ["val/reward/overall/mean", "val/reward/embedding/mean", "completion/mean_length", "loss"]
     plot_curves(uri, runs, keys, smooth=args.smooth, title="learning curve (training rollouts)",
                 path=HERE / "learning_curve.png")
     run_id = runs.run_id.iloc[0]
-    for key in keys + reward_keys("val/"):
+    for key in dict.fromkeys(keys + reward_keys("val/")):
         steps, values = metric_history(uri, run_id, key)
         if steps:
             k = max(1, len(values) // 4)

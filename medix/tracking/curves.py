@@ -67,17 +67,19 @@ def final_values(tracking_uri: str, runs, keys: list[str]):
 
 def plot_curves(tracking_uri: str, runs, keys: list[str], *, smooth: int = 1, title: str | None = None,
                 path: str | Path | None = None, ncols: int = 3):
-    """One panel per metric key, one line per run (running mean over `smooth` steps); saved to `path` if given."""
+    """One panel per metric key, one line per run (running mean over `smooth` steps; validation keys `val/...`, logged
+    every few steps, are not smoothed); saved to `path` if given."""
     import matplotlib.pyplot as plt
 
     nrows = -(-len(keys) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
+        window = 1 if key.startswith("val/") else smooth
         for _, run in runs.iterrows():
             steps, values = metric_history(tracking_uri, run.run_id, key)
             if steps:
-                ax.plot(steps, running_mean(values, smooth), marker="." if len(steps) < 30 else None, label=run.label)
-        ax.set_title(key if smooth == 1 else f"{key} (mean of {smooth})", fontsize=9)
+                ax.plot(steps, running_mean(values, window), marker="." if len(steps) < 30 else None, label=run.label)
+        ax.set_title(key if window == 1 else f"{key} (mean of {window})", fontsize=9)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
