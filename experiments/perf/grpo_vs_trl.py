@@ -30,11 +30,12 @@ sys.path.insert(0, str(REPO))
 
 PRESETS = {
     # SmolLM2-135M-Instruct (converted GGUF) + LoRA r16 on all linear layers, fp32, real medix_mini prompts.
-    "cpu": dict(prompts=4, group=4, completion=32, prompt_tokens=None, tuning="lora", dtype="float32", warmup=2,
-                steps=5),
-    # A randomly initialised ~0.4B Qwen2 (hidden 1024, 24 layers, vocab 151936), bf16, synthetic 64-token prompts.
-    "cuda": dict(prompts=16, group=8, completion=256, prompt_tokens=64, tuning="full", dtype="bfloat16", warmup=2,
-                 steps=6),
+    "cpu": dict(prompts=4, group=4, completion=32, prompt_tokens=None, tuning="lora", dtype="float32", mixed="no",
+                warmup=2, steps=5),
+    # A randomly initialised ~0.4B Qwen2 (hidden 1024, 24 layers, vocab 151936), fp32 weights under bf16 autocast
+    # (medix's trainer=gpu: precision bf16-mixed; TRL: bf16=True), synthetic 64-token prompts.
+    "cuda": dict(prompts=16, group=8, completion=256, prompt_tokens=64, tuning="full", dtype="float32",
+                 mixed="bf16", warmup=2, steps=6),
 }
 QWEN2_04B = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                  intermediate_size=2816, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -56,9 +57,10 @@ class Config(dict):
         return Config(value) if isinstance(value, dict) else value
 
 
-@dataclass(frozen=True)
+@dataclass
 class BenchSample:
-    """What GRPOModule reads from a Sample; `problem` holds an already rendered prompt in synthetic mode."""
+    """What GRPOModule reads from a Sample; `problem` holds an already rendered prompt in synthetic mode.
+    Not frozen: Lightning's bf16-true plugin rebuilds dataclasses in a batch (it fails on medix's frozen Sample)."""
 
     id: str
     problem: str
@@ -156,11 +158,25 @@ def step_begin(device: str) -> dict:
     return mark
 
 
+def nonfinite(model) -> list[str]:
+    """Names of parameters (or their gradients) holding NaN/inf: a diverged step shows here first."""
+    bad = []
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            bad.append(f"{name} (weight)")
+        elif p.grad is not None and not torch.isfinite(p.grad).all():
+            bad.append(f"{name} (grad)")
+    return bad
+
+
 def step_end(device: str, mark: dict, phase: dict) -> dict:
     sync(device)
     step = time.perf_counter() - mark["t0"]
     rec = {"step_s": step, "rollout_s": phase.get("rollout", 0.0), "reward_s": phase.get("reward", 0.0)}
     rec["update_s"] = step - rec["rollout_s"] - rec["reward_s"]  # everything else: logprobs, loss, backward, optim
+    import resource
+
+    rec["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process-wide, monotone
     if device == "cuda":
         rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         rec["step_extra_gib"] = (torch.cuda.max_memory_allocated() - mark["mem0"]) / 2**30
@@ -232,8 +248,7 @@ def build_models(args, device: str):
     arch = QWEN2_TINY if args.model == "qwen2_tiny" else QWEN2_04B
     config = Qwen2Config(**arch, bos_token_id=None, eos_token_id=1, pad_token_id=2)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype)
+    model = Qwen2ForCausalLM(config).to(dtype).to(device)  # initialised on the host: every weight gets its init
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 2
     trl_model = copy.deepcopy(model)
@@ -298,14 +313,17 @@ def run_medix(args, backbone, samples, reward_fn, turns: Turns, log: StepLog, de
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             log.steps.append(step_end(device, self.mark, log.phase))
-            print(f"  medix step {len(log.steps)}: {log.steps[-1]['step_s']:.2f}s", flush=True)
+            print(f"  medix step {len(log.steps)}: {log.steps[-1]['step_s']:.2f}s "
+                  f"(process max RSS {log.steps[-1]['max_rss_gib']:.2f} GiB)", flush=True)
+            if args.check_finite and (bad := nonfinite(pl_module.model)):
+                print(f"  medix non-finite after step {len(log.steps)}: {len(bad)} tensors, e.g. {bad[:4]}", flush=True)
             turns.give("medix")
 
     module = TimedModule(backbone, TimedRewardCall(), algo, reasoning_tag="thinking", max_steps=total, seed=0)
     batches = [samples[(i * args.prompts) % len(samples):][:args.prompts] for i in range(total)]
     batches = [b if len(b) == args.prompts else samples[:args.prompts] for b in batches]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
-    precision = "bf16-true" if args.dtype == "bfloat16" else "32-true"
+    precision = "bf16-mixed" if args.mixed == "bf16" else "bf16-true" if args.dtype == "bfloat16" else "32-true"
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Clock()],
@@ -336,7 +354,7 @@ def run_trl(args, trl_model, tokenizer, peft_config, samples, reward_fn, turns: 
             cache_implementation=args.cache_implementation, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
             epsilon=0.2, epsilon_high=0.3, loss_type="dapo", scale_rewards="group", learning_rate=args.lr,
             weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
-            max_steps=total, gradient_checkpointing=False, bf16=args.dtype == "bfloat16", use_cpu=device == "cpu",
+            max_steps=total, gradient_checkpointing=False, bf16=args.mixed == "bf16" or args.dtype == "bfloat16", use_cpu=device == "cpu",
             logging_steps=10**6, save_strategy="no", report_to="none", shuffle_dataset=False, seed=0,
             dataloader_num_workers=0, disable_tqdm=True,
         )
@@ -349,9 +367,17 @@ def run_trl(args, trl_model, tokenizer, peft_config, samples, reward_fn, turns: 
 
             def on_step_end(self, a, state, control, **kw):
                 log.steps.append(step_end(device, self.mark, log.phase))
-                print(f"  trl   step {len(log.steps)}: {log.steps[-1]['step_s']:.2f}s", flush=True)
+                print(f"  trl   step {len(log.steps)}: {log.steps[-1]['step_s']:.2f}s "
+                      f"(process max RSS {log.steps[-1]['max_rss_gib']:.2f} GiB)", flush=True)
+                if args.check_finite and (bad := nonfinite(kw["model"])):
+                    print(f"  trl non-finite after step {len(log.steps)}: {len(bad)} tensors, e.g. {bad[:4]}",
+                          flush=True)
                 turns.give("trl")
 
+        if args.trl_logprob_chunk:  # rows per LM-head tile in TRL's fused log-prob head (its default: 32768)
+            import trl.trainer.utils as trl_utils
+
+            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = args.trl_logprob_chunk
         trainer = GRPOTrainer(model=trl_model, reward_funcs=trl_reward(reward_fn), args=config,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                               peft_config=peft_config, callbacks=[Clock()])
@@ -387,11 +413,17 @@ def parse_args(argv=None):
     for name in ("prompts", "group", "completion", "prompt_tokens", "warmup", "steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--tuning", choices=("lora", "full"), default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="weights")
+    p.add_argument("--mixed", choices=("no", "bf16"), default=None, help="bf16 autocast on both sides")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--cache-implementation", default=None, help="e.g. static; used by both sides")
     p.add_argument("--no-share-prompt", action="store_true",
                    help="medix without the shared prompt forward/KV cache (the earlier step)")
+    p.add_argument("--trl-logprob-chunk", type=int, default=None,
+                   help="rows per tile of TRL's fused LM head; on CPU it scores every position (prompt included) "
+                        "and one 32768-row tile of full-vocab fp32 logits exhausts a 24 GB machine (default: 1024 "
+                        "on cpu, TRL's own on cuda)")
+    p.add_argument("--check-finite", action="store_true", help="after each step, name NaN/inf weights or grads")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (cpu)")
     p.add_argument("--json", default=None, help="also write the summary here")
     p.add_argument("--check-imports", action="store_true", help="import what this script needs and exit")
@@ -401,9 +433,11 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.tiny:
-        args.dtype = "float32" if args.device == "cpu" else args.dtype
+        args.mixed = "no" if args.device == "cpu" else args.mixed
         args.prompts, args.group, args.completion, args.prompt_tokens = (
             min(args.prompts, 2), min(args.group, 4), min(args.completion, 16), min(args.prompt_tokens, 16))
+    if args.trl_logprob_chunk is None and args.device == "cpu":
+        args.trl_logprob_chunk = 1024
     args.model = "qwen2_tiny" if args.tiny else ("qwen2_04b" if args.device == "cuda" else "smollm2_135m")
     args.synthetic = args.model != "smollm2_135m"
     return args
@@ -433,7 +467,7 @@ def main(argv=None) -> float:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     device = args.device
     load = os.getloadavg()
-    print(f"device={device} model={args.model} tuning={args.tuning} dtype={args.dtype} prompts={args.prompts} "
+    print(f"device={device} model={args.model} tuning={args.tuning} dtype={args.dtype} mixed={args.mixed} prompts={args.prompts} "
           f"group={args.group} completion={args.completion} reward={args.reward} warmup={args.warmup} "
           f"steps={args.steps} share_prompt={not args.no_share_prompt} threads={torch.get_num_threads()} cache_implementation={args.cache_implementation} "
           f"load_avg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
