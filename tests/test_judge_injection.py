@@ -100,8 +100,7 @@ def test_defended_prompt_neutralises_the_case(case):
     assert not any(unicodedata.category(ch) == "Cf" for ch in prompt)
     block = block_of(prompt)
     assert len(block) <= MAX_CHARS + len(TRUNCATION_MARK)
-    assert prompt.endswith(DEFAULT_TEMPLATE.split("</ground_truth>\n", 1)[1])  # the task has the last word
-    assert f"<ground_truth>\n{case['reference']}\n</ground_truth>" in prompt
+    assert prompt.endswith(f"<ground_truth>\n{case['reference']}\n</ground_truth>\n")  # nothing smuggled after it
 
 
 def test_naive_prompt_would_let_delimiter_and_token_attacks_through():
