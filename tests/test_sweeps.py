@@ -75,8 +75,9 @@ def test_grid_sweep_leaves_one_finished_run_per_value(grid_sweep):
             assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
         val = client.get_metric_history(run_id, "val/reward/llm_judge/mean")
         assert len(val) == 1 and 0.0 <= val[0].value <= 1.0  # the validation at the last step
-    with_embedding = runs.run_id[1]
+    without_embedding, with_embedding = runs.run_id
     assert len(client.get_metric_history(with_embedding, "reward/embedding/mean")) == 2
+    assert client.get_metric_history(without_embedding, "reward/embedding/mean") == []  # weight 0: not computed
 
 
 def test_runs_say_their_reward_mix_and_algorithm(grid_sweep):

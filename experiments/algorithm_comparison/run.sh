@@ -7,7 +7,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLI
   judge=rule reward.embedding_mode=continuous \
   algorithm.lr=1e-4 algorithm.group_size=4 algorithm.prompts_per_step=2 algorithm.max_new_tokens=48 \
   algorithm.mini_batch_size=8 algorithm.dynamic_sampling.max_tries=3 \
-  trainer.max_steps=6 trainer.val_every=6 dataset.val_size=8 \
+  trainer.max_steps=4 trainer.val_every=4 dataset.val_size=8 \
   logger.tracking_uri=sqlite:///experiments/algorithm_comparison/mlflow.db \
-  logger.experiment_name=algorithm_comparison logger.sample_table_every=6 \
+  logger.experiment_name=algorithm_comparison logger.sample_table_every=4 \
   hydra.sweep.dir=outputs/algorithm_comparison/$(date +%Y-%m-%d_%H-%M-%S) "$@"
