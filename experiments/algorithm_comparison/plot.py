@@ -20,7 +20,7 @@ def main() -> None:
     runs = load_runs(uri, ["algorithm_comparison"])
     runs = runs[runs["tags.sweep_id"] == runs["tags.sweep_id"].iloc[-1]]  # the latest sweep only
     runs["label"] = runs["tags.algorithm"]
-    keys = reward_keys() + ["loss", "clip_ratio", "entropy", "time/rollout_s"]
+    keys = [k for k in reward_keys() if "llm_judge" not in k] + ["loss", "clip_ratio", "kl", "entropy", "time/update_s"]
     plot_curves(uri, runs, keys, title="GRPO vs DAPO vs GSPO", path=HERE / "algorithm_comparison.png")
     extra = ["val/reward/overall/mean", "dapo/tries", "time/rollout_s", "time/update_s"]
     print(final_values(uri, runs, reward_keys() + extra).round(3).to_string(index=False))
