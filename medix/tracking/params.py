@@ -9,11 +9,37 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 REDACTED = "<redacted>"
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|authorization)", re.IGNORECASE)
+# Words that make a config key secret (`judge.api_key`, `hf_token`, `X-Api-Key`, `db.password`), matched on whole
+# words so that counts such as `max_tokens` / `max_new_tokens` stay visible.
+SECRET_WORDS = frozenset({"apikey", "token", "secret", "password", "passwd", "credential", "credentials",
+                          "authorization", "bearer", "cookie"})
+SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("auth", "key")})
+# Values that look like credentials whatever their key is called (OpenAI/HF/GitHub/Slack/AWS keys, bearer headers).
+SECRET_VALUE = re.compile(
+    r"(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[abprs]-[A-Za-z0-9\-]{10,}"
+    r"|AKIA[0-9A-Z]{16}|Bearer\s+[A-Za-z0-9._~+/=\-]+)"
+)
+URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def key_words(key: str) -> list[str]:
+    """`judge.extra_body.X-Api-Key` → ['x', 'api', 'key'] (the last dotted part, split on non-letters and camelCase)."""
+    last = key.rsplit(".", 1)[-1]
+    last = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", last)
+    return [w for w in re.split(r"[^A-Za-z0-9]+", last.lower()) if w]
 
 
 def is_secret_key(key: str) -> bool:
-    return bool(SECRET_KEY.search(key.rsplit(".", 1)[-1]))
+    words = key_words(key)
+    return bool(SECRET_WORDS.intersection(words)) or any(pair in SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
+def redact_value(value: Any) -> Any:
+    """A string with credential-looking substrings and URL passwords replaced; other values unchanged."""
+    if not isinstance(value, str):
+        return value
+    value = SECRET_VALUE.sub(REDACTED, value)
+    return URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
 
 
 def redact(cfg: Any) -> Any:
@@ -24,7 +50,31 @@ def redact(cfg: Any) -> Any:
         return {k: (REDACTED if is_secret_key(str(k)) and v not in (None, "") else redact(v)) for k, v in cfg.items()}
     if isinstance(cfg, list):
         return [redact(v) for v in cfg]
-    return cfg
+    return redact_value(cfg)
+
+
+def secret_values(cfg: Any) -> list[str]:
+    """Every non-empty string under a secret-looking key of the resolved config (to scrub free text such as tracebacks)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    found: list[str] = []
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            if is_secret_key(str(k)) and isinstance(v, str) and v and v != "EMPTY":
+                found.append(v)
+            else:
+                found += secret_values(v)
+    elif isinstance(cfg, list):
+        for v in cfg:
+            found += secret_values(v)
+    return found
+
+
+def scrub_text(text: str, cfg: Any) -> str:
+    """`text` with the config's secret values and credential-looking substrings replaced by <redacted>."""
+    for secret in sorted(secret_values(cfg), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return redact_value(text)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
