@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from medix.errors import MedixError
+from medix.errors import JudgeError, MedixError
 
 log = logging.getLogger("medix.run")
 
@@ -26,12 +26,19 @@ def output_dir_of(cfg) -> Path:
     return path
 
 
+def last_logged_step(logger) -> int:
+    """The last GRPO step whose metrics the tracker already holds (a resumed run logs only later steps)."""
+    history = logger.experiment.get_metric_history(logger.run_id, "loss")
+    return max((m.step for m in history), default=0)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job end to end; returns the last validation metrics (`val/reward/<c>/mean|std`)."""
     import lightning as L
 
     from medix.data import PromptDataModule, load_report, split_samples
     from medix.data.images import load_image
+    from medix.grpo.checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint
     from medix.grpo.module import GRPOModule
     from medix.judges import build_judge
     from medix.models import load_backbone
@@ -41,6 +48,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from medix.tracking.reward_hacking import RewardHackingMonitor
 
     L.seed_everything(cfg.seed, workers=True)
+    resume_state, run_id = None, None
+    if cfg.resume:
+        checkpoint = resolve_checkpoint(cfg.resume)
+        resume_state = load_checkpoint(checkpoint)
+        run_id = resume_state["mlflow_run_id"]
+        cfg.paths.output_dir = str(checkpoint.parent.parent)  # the resumed run keeps writing into its own folder
     output_dir = output_dir_of(cfg)
     data = load_report(cfg.dataset)
     train_samples, val_samples = split_samples(data.samples, cfg.dataset.val_size, cfg.dataset.seed)
@@ -48,14 +61,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # A component with weight 0 is not computed, so its model is never loaded (an embed-only run starts no judge).
     embedder = build_embedder(cfg.embedder) if cfg.reward.weights.embedding > 0 else None
     judge_context = build_judge(cfg.judge, cfg.paths.cache_dir) if cfg.reward.weights.llm_judge > 0 else nullcontext()
-    logger = build_mlflow_logger(cfg)
+    logger = build_mlflow_logger(cfg, run_id=run_id)
+    if resume_state is not None and logger is not None:
+        resume_state["last_logged_step"] = last_logged_step(logger)
     with judge_context as judge:
         reward = build_reward(cfg.reward, judge, embedder)
         module = GRPOModule(
             backbone, reward, cfg.algorithm, reasoning_tag=cfg.reasoning_tag, max_steps=cfg.trainer.max_steps,
             refill_pool=train_samples, judge=judge, sample_table_every=cfg.logger.sample_table_every,
             reward_monitor=RewardHackingMonitor(), seed=cfg.seed, val_samples=val_samples,
-            val_every=cfg.trainer.val_every,
+            val_every=cfg.trainer.val_every, checkpoint_path=output_dir / "checkpoints" / CHECKPOINT_NAME,
+            checkpoint_every=cfg.trainer.checkpoint_every, resume_state=resume_state,
+            run_id_getter=(lambda: logger.run_id) if logger is not None else None,
             image_loader=lambda p: load_image(p, min_pixels=cfg.dataset.min_pixels, max_pixels=cfg.dataset.max_pixels),
         )
         datamodule = PromptDataModule(train_samples, val_samples, batch_size=cfg.algorithm.prompts_per_step,
@@ -67,13 +84,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
             default_root_dir=str(output_dir), use_distributed_sampler=True,
         )
-        if logger is not None and trainer.global_rank == 0:
+        if logger is not None and trainer.global_rank == 0 and resume_state is None:  # a resumed run has them
             log_run_config(logger, cfg, output_dir)
             logger.log_metrics({"data/train_rows": len(train_samples), "data/val_rows": len(val_samples),
                                 "data/skipped_rows": len(data.skipped)}, step=0)
         try:
             trainer.fit(module, datamodule=datamodule)
         except BaseException as exc:
+            if isinstance(exc, JudgeError) and module.grpo_step > 0:
+                module.save_checkpoint()  # the last whole step; continue with `resume=<this run's folder>`
+                log.error("stopped on a judge error; resume with: python -m medix.run ... resume=%s", output_dir)
             if logger is not None and trainer.global_rank == 0:
                 record_failure(logger, exc, output_dir)
             raise

@@ -73,6 +73,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"{missing}= is required; usage: {USAGE}")
     weights = validate_weights(cfg.reward.weights)
     rows = read_rows(Path(cfg.input))
+    if not rows:
+        raise DataError(f"input={cfg.input} has no rows; expected one JSON object per line with completion and solution")
     embedder = None
     if weights["embedding"] > 0:
         from medix.rewards.embedding import build_embedder

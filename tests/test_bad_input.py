@@ -164,8 +164,6 @@ def test_score_row_without_a_tag(tmp_path):
     assert_one_error_line(out, "input line 1", "'solution'", "<X_RAY>")
 
 
-@pytest.mark.xfail(strict=True, reason="medix.score writes an empty output for an empty input and exits 0 "
-                                       "(fix proposed to the owner of medix/score.py)")
 def test_score_empty_input(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [])
     out = medix("medix.score", [f"input={path}", f"output={tmp_path}/s.jsonl", "judge=rule"], tmp_path)

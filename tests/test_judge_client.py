@@ -125,7 +125,8 @@ def test_failure_rate_over_window_stops_the_run(tmp_path):
         return "YES"
 
     with FakeOpenAIServer(handler) as server:
-        with judge_for(server.base_url, tmp_path, on_failure="zero", failure_window=4, max_failure_rate=0.5) as judge:
+        with judge_for(server.base_url, tmp_path, on_failure="zero", failure_window=4, max_failure_rate=0.5,
+                       max_concurrency=1) as judge:  # in order: which call leaves the window is fixed
             assert judge.score(items("good 1", "good 2", "bad 1", "bad 2")) == [1.0, 1.0, 0.0, 0.0]  # rate 0.5: allowed
             with pytest.raises(JudgeError, match=r"failure rate 75% over the last 4 calls exceeds judge.max_failure_rate=0.5"):
                 judge.score(items("bad 3"))

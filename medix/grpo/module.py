@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from medix.data.prompts import render_prompt
+from medix.grpo.checkpoint import load_trainable_state, restore_rng, rng_state, save_checkpoint, trainable_state
 from medix.grpo.losses import dapo_group_filter, frac_reward_zero_std, group_advantages, policy_loss
 from medix.rewards.composite import RewardBatch
 from medix.grpo.rollout import Rollout, completion_logprobs, concat_rollouts, generate_completions, select_rows
@@ -24,7 +25,8 @@ class GRPOModule(L.LightningModule):
 
     def __init__(self, backbone, reward, algorithm, *, reasoning_tag: str, max_steps: int, refill_pool=None,
                  judge=None, sample_table_every: int = 0, reward_monitor=None, seed: int = 0, image_loader=None,
-                 val_samples=None, val_every: int = 0):
+                 val_samples=None, val_every: int = 0, checkpoint_path=None, checkpoint_every: int = 0,
+                 resume_state: dict | None = None, run_id_getter=None):
         super().__init__()
         self.automatic_optimization = False
         self.backbone = backbone
@@ -43,6 +45,12 @@ class GRPOModule(L.LightningModule):
         self.val_every = val_every
         self.val_metrics: dict[str, float] = {}
         self.grpo_step = 0
+        self.batches_seen = 0  # training batches consumed, skipped ones included: the data position
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
+        self.resume_state = resume_state
+        self.run_id_getter = run_id_getter
+        self.last_logged_step = 0  # steps up to here are already in the tracker (a resumed run does not log them twice)
         self.ref_model = None
         if algorithm.beta > 0 and not backbone_uses_lora(self.model):
             import copy
@@ -61,10 +69,28 @@ class GRPOModule(L.LightningModule):
         return batch  # a list of Samples (text and image paths); tensors are made on the device during rollout
 
     # ---- the step -----------------------------------------------------------------------------------------------
+    def on_train_start(self):
+        if self.resume_state is not None:
+            state = self.resume_state
+            load_trainable_state(self.model, state["weights"])
+            self.optimizers().optimizer.load_state_dict(state["optimizer"])
+            self.lr_schedulers().load_state_dict(state["scheduler"])
+            self.grpo_step = state["grpo_step"]
+            self.last_logged_step = max(state["grpo_step"], state.get("last_logged_step", 0))
+            self.refill_rng.setstate(state["refill_rng"])
+            log.info("resumed at step %d (data position %d)", self.grpo_step, state["batches_seen"])
+
     def training_step(self, batch, batch_idx):
+        if self.resume_state is not None and self.batches_seen < self.resume_state["batches_seen"]:
+            self.batches_seen += 1  # replaying the data order up to where the checkpoint was taken
+            return None
+        if self.resume_state is not None:
+            restore_rng(self.resume_state["rng"])
+            self.resume_state = None
         if self.grpo_step >= self.max_steps:
             self.trainer.should_stop = True
             return None
+        self.batches_seen += 1
         timings = {}
         samples, rollout, rewards, reward_batch, dapo_metrics = self.collect(batch, timings)
         metrics = self.update(rollout, rewards, reward_batch, timings)
@@ -84,7 +110,25 @@ class GRPOModule(L.LightningModule):
             self.val_metrics = self.validation_rewards()
             metrics.update(self.val_metrics)
         self.log_step(metrics, samples, rollout, reward_batch)
+        if self.checkpoint_every and self.grpo_step % self.checkpoint_every == 0 or self.grpo_step == self.max_steps:
+            self.save_checkpoint()
         return None
+
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue this run exactly from the end of the current step."""
+        if self.checkpoint_path is None or self.global_rank != 0:
+            return
+        save_checkpoint(self.checkpoint_path, {
+            "weights": trainable_state(self.model),
+            "optimizer": self.optimizers().optimizer.state_dict(),
+            "scheduler": self.lr_schedulers().state_dict(),
+            "rng": rng_state(),
+            "refill_rng": self.refill_rng.getstate(),
+            "grpo_step": self.grpo_step,
+            "batches_seen": self.batches_seen,
+            "last_logged_step": self.last_logged_step,
+            "mlflow_run_id": self.run_id_getter() if self.run_id_getter else None,
+        })
 
     @torch.no_grad()
     def validation_rewards(self) -> dict[str, float]:
@@ -236,6 +280,9 @@ class GRPOModule(L.LightningModule):
                 clean["reward_hacking/alert"] = 1.0
                 if self.logger is not None and self.global_rank == 0:
                     self.logger.experiment.set_tag(self.logger.run_id, "reward_hacking", alert.message[:5000])
+        if self.grpo_step <= self.last_logged_step:
+            return  # recomputed after a resume; the tracker already holds this step
+        self.last_logged_step = self.grpo_step
         for logger in self.loggers:
             logger.log_metrics(clean, step=self.grpo_step)
         if self.sample_table_every and self.grpo_step % self.sample_table_every == 1 % self.sample_table_every:
