@@ -13,7 +13,6 @@ if [ -f "$stamp" ]; then
   exit 0
 fi
 pip() { .venv/bin/python -m pip "$@"; }
-pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   pip install -q "torch==${MEDIX_TORCH_VERSION:-2.13.0}"
 fi
