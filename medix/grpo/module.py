@@ -101,14 +101,14 @@ class GRPOModule(L.LightningModule):
         metrics["completion/clipped_ratio"] = float(rollout.truncated.float().mean())
         metrics.update({f"time/{k}_s": v for k, v in timings.items()})
         metrics = self.reduce_across_ranks(metrics)
-        if self.judge is not None:
-            metrics.update(self.judge.stats())
         metrics["lr"] = self.optimizers().param_groups[0]["lr"]
         self.grpo_step += 1
         if self.val_samples and self.val_every and (self.grpo_step % self.val_every == 0
                                                     or self.grpo_step == self.max_steps):
             self.val_metrics = self.validation_rewards()
             metrics.update(self.val_metrics)
+        if self.judge is not None:  # cumulative, validation calls included
+            metrics.update(self.judge.stats())
         self.log_step(metrics, samples, rollout, reward_batch)
         if self.checkpoint_every and self.grpo_step % self.checkpoint_every == 0 or self.grpo_step == self.max_steps:
             self.save_checkpoint()
