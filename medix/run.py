@@ -95,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 module.save_checkpoint()  # the last whole step; continue with `resume=<this run's folder>`
                 log.error("stopped on a judge error; resume with: python -m medix.run ... resume=%s", output_dir)
             if logger is not None and trainer.global_rank == 0:
-                record_failure(logger, exc, output_dir)
+                record_failure(logger, exc, output_dir, cfg)
             raise
         if trainer.global_rank == 0:
             adapter_dir = output_dir / "adapter"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from medix.tracking.params import redact, reward_mix_signature, run_name, run_params
+from medix.tracking.params import redact, reward_mix_signature, run_name, run_params, scrub_text
 
 
 def git_commit() -> str:
@@ -64,10 +64,10 @@ def log_run_config(logger, cfg, output_dir: Path) -> None:
     logger.experiment.log_artifact(logger.run_id, str(path))
 
 
-def record_failure(logger, exc: BaseException, output_dir: Path) -> None:
-    """Mark the run FAILED and keep the exception as an artifact."""
+def record_failure(logger, exc: BaseException, output_dir: Path, cfg=None) -> None:
+    """Mark the run FAILED and keep the exception (secrets scrubbed) as an artifact."""
     path = output_dir / "exception.txt"
-    path.write_text("".join(traceback.format_exception(exc)))
+    path.write_text(scrub_text("".join(traceback.format_exception(exc)), cfg if cfg is not None else {}))
     try:
         logger.experiment.log_artifact(logger.run_id, str(path))
     finally:
