@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from medix.errors import ConfigError
+from medix.eval.results import read_jsonl_by_id
 
 
 def log_eval_run(tracking_uri: str, experiment: str, run_name: str | None, params: dict, metrics: dict[str, float],
@@ -21,16 +22,11 @@ def log_eval_run(tracking_uri: str, experiment: str, run_name: str | None, param
         rows = []
         for task, path in item_files.items():
             mlflow.log_artifact(str(path), artifact_path=f"items/{task}")
-            with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    rows.append({"task": task, "id": row["id"], "score": row["score"],
-                                 "parse_failures": row.get("parse_failures", 0),
-                                 "question": row["question"], "reference": row["reference"],
-                                 "prediction": row["prediction"], "round_scores": json.dumps(row["round_scores"])})
+            for row in read_jsonl_by_id(path).values():
+                rows.append({"task": task, "id": row["id"], "score": row["score"],
+                             "parse_failures": row.get("parse_failures", 0),
+                             "question": row["question"], "reference": row["reference"],
+                             "prediction": row["prediction"], "round_scores": json.dumps(row["round_scores"])})
         if rows:
             mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, artifact_file="eval_items.json")
         mlflow.log_artifact(str(results_md))
