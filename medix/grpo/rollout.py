@@ -17,6 +17,11 @@ class Rollout:
     texts: list[str]  # decoded completions, B*G
     truncated: torch.Tensor  # [B*G] bool: no EOS within max_new_tokens
     extra_inputs: dict  # processor outputs the forward pass needs again (pixel values, image grids)
+    image_counts: list[int] | None = None  # images of each row (VLM rollouts); None: no images / text-only
+
+    def __post_init__(self):
+        if self.image_counts is not None and len(self.image_counts) != self.input_ids.shape[0]:
+            raise ValueError(f"image_counts has {len(self.image_counts)} entries for {self.input_ids.shape[0]} rows")
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -57,12 +62,13 @@ def generate_completions(model, tokenizer, prompts: list[str], *, group_size: in
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     # Every prompt repeated group_size times in a row, so groups are consecutive.
-    batch = {k: v.repeat_interleave(group_size, dim=0) if k in ("input_ids", "attention_mask") else v
+    batch = {k: v.repeat_interleave(group_size, dim=0) if k in ("input_ids", "attention_mask", *SEQUENCE_KEYS) else v
              for k, v in enc.items()}
+    counts = image_counts_of(images, len(prompts)) if "pixel_values" in enc else None
     if "pixel_values" in batch and "image_grid_thw" not in batch:
         batch["pixel_values"] = batch["pixel_values"].repeat_interleave(group_size, dim=0)
     elif "image_grid_thw" in batch:  # Qwen-VL style: patches flattened; repeat each prompt's patches
-        batch = repeat_qwen_vl_images(batch, enc, group_size)
+        batch = repeat_qwen_vl_images(batch, enc, group_size, counts)
     gen_eos = eos_ids(tokenizer, model)
     extra_generate = {} if top_k is None else {"top_k": top_k}
     if (share_prompt_cache and group_size > 1 and cache_implementation is None and set(enc) == {"input_ids", "attention_mask"}
@@ -93,7 +99,25 @@ def generate_completions(model, tokenizer, prompts: list[str], *, group_size: in
     texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
                                    skip_special_tokens=True)
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    return Rollout(input_ids, attention_mask, completion_mask, prompt_length, texts, truncated, extra)
+    for key in SEQUENCE_KEYS:  # per-token inputs cover the completion too (completion tokens are text: 0)
+        if key in extra:
+            extra[key] = F.pad(extra[key], (0, completion_ids.shape[1]))
+    row_counts = None if counts is None else [c for c in counts for _ in range(group_size)]
+    return Rollout(input_ids, attention_mask, completion_mask, prompt_length, texts, truncated, extra, row_counts)
+
+
+# Processor outputs aligned with input_ids ([rows, sequence]): Qwen-VL's mm_token_type_ids (M-RoPE needs them).
+SEQUENCE_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+def image_counts_of(images, n_prompts: int) -> list[int]:
+    """Images of each prompt from a processor's `images` argument (one image or a list of images per prompt)."""
+    if not images:
+        return [0] * n_prompts
+    counts = [len(row) if isinstance(row, (list, tuple)) else 1 for row in images]
+    if len(counts) != n_prompts:
+        raise ValueError(f"{len(counts)} image lists for {n_prompts} prompts; need one (possibly empty) per prompt")
+    return counts
 
 
 def can_share_prompt(model) -> bool:
@@ -119,19 +143,40 @@ def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     return out.past_key_values
 
 
-def repeat_qwen_vl_images(batch: dict, enc: dict, group_size: int) -> dict:
-    """Repeat each prompt's flattened image patches group_size times (Qwen2/3-VL layout)."""
-    grid = enc["image_grid_thw"]
-    patches_per_image = grid.prod(dim=1)
-    chunks = torch.split(enc["pixel_values"], patches_per_image.tolist())
-    # One image per prompt is the common case; several images per prompt keep their order.
-    images_per_prompt = len(chunks) // enc["input_ids"].shape[0]
-    per_prompt = [torch.cat(chunks[i * images_per_prompt:(i + 1) * images_per_prompt]) for i in range(enc["input_ids"].shape[0])]
-    grids = [grid[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(enc["input_ids"].shape[0])]
+def repeat_qwen_vl_images(batch: dict, enc: dict, group_size: int, counts: list[int] | None = None) -> dict:
+    """Repeat each prompt's flattened image patches group_size times (Qwen2/3-VL layout); `counts` are the images of
+    each prompt (None: the same number for every prompt)."""
+    n_prompts = enc["input_ids"].shape[0]
+    counts = counts if counts is not None else even_counts(len(enc["image_grid_thw"]), n_prompts)
+    pixels, grids = split_qwen_vl_images(enc["pixel_values"], enc["image_grid_thw"], counts)
     batch = dict(batch)
-    batch["pixel_values"] = torch.cat([p for p in per_prompt for _ in range(group_size)])
+    batch["pixel_values"] = torch.cat([p for p in pixels for _ in range(group_size)])
     batch["image_grid_thw"] = torch.cat([g for g in grids for _ in range(group_size)])
     return batch
+
+
+def even_counts(n_images: int, n_rows: int) -> list[int]:
+    """Images per row when a rollout does not say: the same number for every row, or an error."""
+    if n_rows == 0 or n_images % n_rows:
+        raise ValueError(f"{n_images} images over {n_rows} rows: the images of each row are unknown; "
+                         "build rollouts with generate_completions (it records image_counts)")
+    return [n_images // n_rows] * n_rows
+
+
+def split_qwen_vl_images(pixel_values: torch.Tensor, grid: torch.Tensor, counts: list[int]):
+    """Flattened patches + one grid row per image -> (patches of each row, grid rows of each row), `counts` images
+    per row, in order."""
+    if sum(counts) != grid.shape[0]:
+        raise ValueError(f"image_counts {counts} add up to {sum(counts)} but image_grid_thw holds {grid.shape[0]} images")
+    patches = grid.prod(dim=1)
+    image_end = torch.tensor(counts, device=grid.device).cumsum(0).tolist()
+    image_start = [end - count for end, count in zip(image_end, counts)]
+    patch_end = [0] + patches.cumsum(0).tolist()
+    if patch_end[-1] != pixel_values.shape[0]:
+        raise ValueError(f"image_grid_thw describes {patch_end[-1]} patches but pixel_values holds {pixel_values.shape[0]}")
+    pixels = [pixel_values[patch_end[a]:patch_end[b]] for a, b in zip(image_start, image_end)]
+    grids = [grid[a:b] for a, b in zip(image_start, image_end)]
+    return pixels, grids
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
@@ -144,6 +189,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     prompt forward: the prompt runs once per distinct prompt (with gradient) and its KV cache is copied to the rows."""
     completion_length = input_ids.shape[1] - prompt_length
     position_ids = left_padded_positions(attention_mask)
+    # M-RoPE models (Qwen-VL: image grids) compute their 3-D positions from the mask and mm_token_type_ids.
+    model_position_ids = None if extra_inputs and "image_grid_thw" in extra_inputs else position_ids
     targets = input_ids[:, prompt_length:]
     owners = prompt_owners(input_ids[:, :prompt_length]) if share_prompt and prompt_length > 0 else None
     if (owners is not None and int(owners.max()) + 1 < input_ids.shape[0] and not extra_inputs
@@ -157,7 +204,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
                      past_key_values=cache, use_cache=True)
         logits = torch.cat([prompt_out.logits[owners], rest.logits[:, :-1]], dim=1)  # position t predicts t+1
     else:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=model_position_ids,
                         logits_to_keep=completion_length + 1, use_cache=False, **(extra_inputs or {}))
         logits = outputs.logits[:, :-1, :]  # position t predicts token t+1
     return token_logprobs(logits, targets, with_entropy=with_entropy)
@@ -196,26 +243,37 @@ def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
         prompt_length=rollout.prompt_length,
         texts=[rollout.texts[i] for i in rows],
         truncated=rollout.truncated[index.cpu()] if rollout.truncated.device.type == "cpu" else rollout.truncated[index],
-        extra_inputs=select_extra(rollout.extra_inputs, rows, rollout.input_ids.shape[0]),
+        extra_inputs=select_extra(rollout.extra_inputs, rows, rollout.input_ids.shape[0], rollout.image_counts),
+        image_counts=None if rollout.image_counts is None else [rollout.image_counts[i] for i in rows],
     )
 
 
-def select_extra(extra: dict, rows: list[int], n_rows: int) -> dict:
+def select_extra(extra: dict, rows: list[int], n_rows: int, image_counts: list[int] | None = None) -> dict:
+    """The extra model inputs of the given rows. Qwen-VL's flattened patches are sliced per row by `image_counts`
+    (rows may hold different numbers of images); [rows, ...] tensors (tiny_vlm's [rows, images, 3, S, S] pixels,
+    mm_token_type_ids) are indexed."""
     if not extra:
         return {}
+    out = dict(extra)
     if "image_grid_thw" in extra:  # flattened patches: slice each row's patch range
-        grid = extra["image_grid_thw"]
-        per_row = len(grid) // n_rows
-        patches = grid.prod(dim=1).view(n_rows, per_row).sum(1)
-        starts = torch.cat([patches.new_zeros(1), patches.cumsum(0)[:-1]])
-        pix = torch.cat([extra["pixel_values"][starts[r]:starts[r] + patches[r]] for r in rows])
-        grids = torch.cat([grid[r * per_row:(r + 1) * per_row] for r in rows])
-        return {**extra, "pixel_values": pix, "image_grid_thw": grids}
-    return {k: v[rows] if torch.is_tensor(v) and v.shape[0] == n_rows else v for k, v in extra.items()}
+        counts = image_counts if image_counts is not None else even_counts(len(extra["image_grid_thw"]), n_rows)
+        pixels, grids = split_qwen_vl_images(extra["pixel_values"], extra["image_grid_thw"], counts)
+        out["pixel_values"] = torch.cat([pixels[r] for r in rows])
+        out["image_grid_thw"] = torch.cat([grids[r] for r in rows])
+    index = torch.tensor(rows, dtype=torch.long)
+    for key, value in extra.items():
+        if key not in ("pixel_values", "image_grid_thw") or "image_grid_thw" not in extra:
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n_rows:
+                out[key] = value[index.to(value.device)]
+    return out
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
-    """Join rollouts of different prompt/completion lengths: prompts left-padded, completions right-padded."""
+    """Join rollouts of different prompt/completion lengths: prompts left-padded, completions right-padded.
+
+    VLM inputs follow their rows whatever each rollout holds: tiny_vlm pixels [rows, images, 3, S, S] are zero-padded
+    to the most images of any row, Qwen-VL flattened patches and grids are joined, a rollout without images (text-only
+    prompts) contributes none, and per-token inputs (mm_token_type_ids) are padded like the ids."""
     if len(rollouts) == 1:
         return rollouts[0]
     P = max(r.prompt_length for r in rollouts)
@@ -223,14 +281,69 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     ids, attn, cmask = [], [], []
     for r in rollouts:
         left, right = P - r.prompt_length, T - r.completion_mask.shape[1]
-        prompt_ids, comp_ids = r.input_ids[:, :r.prompt_length], r.input_ids[:, r.prompt_length:]
-        prompt_attn, comp_attn = r.attention_mask[:, :r.prompt_length], r.attention_mask[:, r.prompt_length:]
-        ids.append(torch.cat([F.pad(prompt_ids, (left, 0), value=pad_token_id),
-                              F.pad(comp_ids, (0, right), value=pad_token_id)], 1))
-        attn.append(torch.cat([F.pad(prompt_attn, (left, 0)), F.pad(comp_attn, (0, right))], 1))
+        ids.append(pad_sequence(r.input_ids, r.prompt_length, left, right, pad_token_id))
+        attn.append(pad_sequence(r.attention_mask, r.prompt_length, left, right, 0))
         cmask.append(F.pad(r.completion_mask, (0, right)))
-    extra = {}
-    if rollouts[0].extra_inputs:
-        extra = {k: torch.cat([r.extra_inputs[k] for r in rollouts]) for k in rollouts[0].extra_inputs}
     return Rollout(torch.cat(ids), torch.cat(attn), torch.cat(cmask), P, [t for r in rollouts for t in r.texts],
-                   torch.cat([r.truncated for r in rollouts]), extra)
+                   torch.cat([r.truncated for r in rollouts]), concat_extra(rollouts, P, T), concat_counts(rollouts))
+
+
+def pad_sequence(values: torch.Tensor, prompt_length: int, left: int, right: int, value: int) -> torch.Tensor:
+    """[rows, P + T] -> [rows, left + P + T + right]: prompt part padded on the left, completion part on the right."""
+    return torch.cat([F.pad(values[:, :prompt_length], (left, 0), value=value),
+                      F.pad(values[:, prompt_length:], (0, right), value=value)], 1)
+
+
+def concat_counts(rollouts: list[Rollout]) -> list[int] | None:
+    """The joined rollouts' images per row; None when some rollout with images does not say (tiny_vlm does not need
+    them: its model reads each row's images off the image tokens)."""
+    if all(r.image_counts is None for r in rollouts):
+        return None
+    counts = []
+    for r in rollouts:
+        n_rows = r.input_ids.shape[0]
+        if r.image_counts is not None:
+            counts += r.image_counts
+        elif "image_grid_thw" in r.extra_inputs:
+            counts += even_counts(len(r.extra_inputs["image_grid_thw"]), n_rows)
+        elif "pixel_values" not in r.extra_inputs:
+            counts += [0] * n_rows
+        else:
+            return None
+    return counts
+
+
+def concat_extra(rollouts: list[Rollout], P: int, T: int) -> dict:
+    keys = [k for r in rollouts for k in r.extra_inputs]
+    keys = list(dict.fromkeys(keys))  # first-seen order
+    if not keys:
+        return {}
+    flattened = "image_grid_thw" in keys
+    extra = {}
+    for key in keys:
+        present = [r.extra_inputs[key] for r in rollouts if key in r.extra_inputs]
+        if key in SEQUENCE_KEYS:
+            extra[key] = torch.cat([
+                pad_sequence(r.extra_inputs[key], r.prompt_length, P - r.prompt_length,
+                             T - r.completion_mask.shape[1], 0) if key in r.extra_inputs
+                else present[0].new_zeros(r.input_ids.shape[0], P + T) for r in rollouts])
+        elif flattened and key in ("pixel_values", "image_grid_thw"):
+            extra[key] = torch.cat(present)  # one entry per image/patch: rollouts without images add none
+        elif key == "pixel_values":  # tiny_vlm: [rows, images, 3, S, S], zero slots beyond each row's images
+            most = max(v.shape[1] for v in present)
+            template = present[0]
+            parts = []
+            for r in rollouts:
+                v = r.extra_inputs.get(key)
+                if v is None:
+                    v = template.new_zeros(r.input_ids.shape[0], most, *template.shape[2:])
+                elif v.shape[1] < most:
+                    v = torch.cat([v, v.new_zeros(v.shape[0], most - v.shape[1], *v.shape[2:])], 1)
+                parts.append(v)
+            extra[key] = torch.cat(parts)
+        elif len(present) == len(rollouts) and all(torch.is_tensor(v) for v in present):
+            extra[key] = torch.cat(present)
+        else:
+            raise ValueError(f"cannot join rollouts: extra input {key!r} is present in {len(present)} of "
+                             f"{len(rollouts)} rollouts")
+    return extra
