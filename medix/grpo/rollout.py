@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from medix.grpo.lm_head import head_token_logprobs, split_lm_head
+
 
 @dataclass
 class Rollout:
@@ -184,30 +186,43 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """Log-probability of each completion token under `model` ([B, T]); with_entropy also gives the entropy of each
     position's distribution ([B, T], without gradient: it is a metric).
 
-    Logits exist only for completion positions, and log-softmax is never materialised over the vocabulary (gather
-    minus logsumexp, in row chunks). share_prompt: rows that repeat the previous row's prompt (a GRPO group) reuse its
-    prompt forward: the prompt runs once per distinct prompt (with gradient) and its KV cache is copied to the rows."""
+    Only completion positions are scored. When the model splits into a body and a plain LM head (`split_lm_head`),
+    the body gives hidden states and `head_token_logprobs` scores them in row chunks, so the [B, T, vocab] logits
+    never exist; otherwise the model's own logits are used (gather minus logsumexp, in row chunks). share_prompt:
+    rows that repeat the previous row's prompt (a GRPO group) reuse its prompt forward: the prompt runs once per
+    distinct prompt (with gradient) and its KV cache is copied to the rows."""
     completion_length = input_ids.shape[1] - prompt_length
     position_ids = left_padded_positions(attention_mask)
     # M-RoPE models (Qwen-VL: image grids) compute their 3-D positions from the mask and mm_token_type_ids.
     model_position_ids = None if extra_inputs and "image_grid_thw" in extra_inputs else position_ids
     targets = input_ids[:, prompt_length:]
+    split = split_lm_head(model)
+    forward, output = (split[0], "last_hidden_state") if split else (model, "logits")
+    head_kwargs = {} if split else {"logits_to_keep": 1}
     owners = prompt_owners(input_ids[:, :prompt_length]) if share_prompt and prompt_length > 0 else None
     if (owners is not None and int(owners.max()) + 1 < input_ids.shape[0] and not extra_inputs
             and can_share_prompt(model)):
         first = torch.cat([owners.new_ones(1, dtype=torch.bool), owners[1:] != owners[:-1]])
-        prompt_out = model(input_ids=input_ids[first, :prompt_length], attention_mask=attention_mask[first, :prompt_length],
-                           position_ids=position_ids[first, :prompt_length], use_cache=True, logits_to_keep=1)
+        prompt_out = forward(input_ids=input_ids[first, :prompt_length],
+                             attention_mask=attention_mask[first, :prompt_length],
+                             position_ids=position_ids[first, :prompt_length], use_cache=True, **head_kwargs)
         cache = prompt_out.past_key_values
         cache.reorder_cache(owners)  # index_select: gradients from every row flow back to the shared prompt
-        rest = model(input_ids=targets, attention_mask=attention_mask, position_ids=position_ids[:, prompt_length:],
-                     past_key_values=cache, use_cache=True)
-        logits = torch.cat([prompt_out.logits[owners], rest.logits[:, :-1]], dim=1)  # position t predicts t+1
+        rest = forward(input_ids=targets, attention_mask=attention_mask, position_ids=position_ids[:, prompt_length:],
+                       past_key_values=cache, use_cache=True)
+        last_prompt = getattr(prompt_out, output)[:, -1:]
+        scores = torch.cat([last_prompt[owners], getattr(rest, output)[:, :-1]], dim=1)  # position t predicts t+1
+    elif split:
+        outputs = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=model_position_ids,
+                          use_cache=False, **(extra_inputs or {}))
+        scores = outputs.last_hidden_state[:, prompt_length - 1:-1]
     else:
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=model_position_ids,
                         logits_to_keep=completion_length + 1, use_cache=False, **(extra_inputs or {}))
-        logits = outputs.logits[:, :-1, :]  # position t predicts token t+1
-    return token_logprobs(logits, targets, with_entropy=with_entropy)
+        scores = outputs.logits[:, :-1, :]  # position t predicts token t+1
+    if split:
+        return head_token_logprobs(scores, split[1], targets, with_entropy=with_entropy)
+    return token_logprobs(scores, targets, with_entropy=with_entropy)
 
 
 def prompt_owners(prompt_ids: torch.Tensor) -> torch.Tensor:

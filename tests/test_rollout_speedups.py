@@ -107,3 +107,20 @@ def test_shared_prompt_cache_samples_what_a_plain_prefill_samples():
     logp_plain, _ = completion_logprobs(copy.deepcopy(model), plain.input_ids, plain.attention_mask,
                                         plain.prompt_length, share_prompt=False)
     torch.testing.assert_close(logp_shared, logp_plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_completion_logprobs_equal_log_softmax_of_the_model_logits(share, lora):
+    """Through the split body + chunked head (lm_head.py): the same numbers as the model's own full logits."""
+    from medix.grpo.rollout import left_padded_positions
+
+    model = tiny_model(lora=lora).eval()
+    input_ids, attention_mask, P = group_batch()
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, input_ids, attention_mask, P, share_prompt=share)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=left_padded_positions(attention_mask)).logits
+    ref = F.log_softmax(logits[:, P - 1:-1].double(), -1).gather(-1, input_ids[:, P:].unsqueeze(-1)).squeeze(-1)
+    real = attention_mask[:, P:].bool()
+    torch.testing.assert_close(logp[real].double(), ref[real], atol=1e-5, rtol=1e-5)
