@@ -409,6 +409,8 @@ def parse_args(argv=None):
     p.add_argument("--reward", choices=("length", "composite"), default="length",
                    help="length: character-mix share (cheap); composite: medix format+modality rules")
     p.add_argument("--tiny", action="store_true", help="the cuda preset's code path with a tiny Qwen2 (smoke test)")
+    p.add_argument("--model", choices=("smollm2_135m", "qwen2_04b", "qwen2_tiny"), default=None,
+                   help="override the preset's model (e.g. the CUDA preset's random 0.4B Qwen2 on a CPU)")
     p.add_argument("--sides", default="medix,trl", help="comma list; the first starts")
     for name in ("prompts", "group", "completion", "prompt_tokens", "warmup", "steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
@@ -425,6 +427,8 @@ def parse_args(argv=None):
                         "on cpu, TRL's own on cuda)")
     p.add_argument("--check-finite", action="store_true", help="after each step, name NaN/inf weights or grads")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (cpu)")
+    p.add_argument("--no-cudnn-sdp", action="store_true",
+                   help="turn off PyTorch's cuDNN attention backend (both sides; see README, CUDA)")
     p.add_argument("--json", default=None, help="also write the summary here")
     p.add_argument("--check-imports", action="store_true", help="import what this script needs and exit")
     args = p.parse_args(argv)
@@ -438,7 +442,8 @@ def parse_args(argv=None):
             min(args.prompts, 2), min(args.group, 4), min(args.completion, 16), min(args.prompt_tokens, 16))
     if args.trl_logprob_chunk is None and args.device == "cpu":
         args.trl_logprob_chunk = 1024
-    args.model = "qwen2_tiny" if args.tiny else ("qwen2_04b" if args.device == "cuda" else "smollm2_135m")
+    if args.model is None:
+        args.model = "qwen2_tiny" if args.tiny else ("qwen2_04b" if args.device == "cuda" else "smollm2_135m")
     args.synthetic = args.model != "smollm2_135m"
     return args
 
@@ -456,6 +461,8 @@ def check_imports() -> list[str]:
 
 def main(argv=None) -> float:
     args = parse_args(argv)
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.check_imports:
         bad = check_imports()
         print("forbidden modules imported:", bad or "none")
@@ -470,6 +477,7 @@ def main(argv=None) -> float:
     print(f"device={device} model={args.model} tuning={args.tuning} dtype={args.dtype} mixed={args.mixed} prompts={args.prompts} "
           f"group={args.group} completion={args.completion} reward={args.reward} warmup={args.warmup} "
           f"steps={args.steps} share_prompt={not args.no_share_prompt} threads={torch.get_num_threads()} cache_implementation={args.cache_implementation} "
+          f"cudnn_sdp={torch.backends.cuda.cudnn_sdp_enabled()} "
           f"load_avg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
     backbone, trl_model, trl_tok, peft_config = build_models(args, device)
     if args.synthetic:
