@@ -112,6 +112,9 @@ def test_failure_policy_raise(tmp_path):
 
 def test_strict_parser_turns_rambling_reply_into_failure(tmp_path):
     with FakeOpenAIServer(always("The answer is YES")) as server:
+        with judge_for(server.base_url, tmp_path) as judge:  # strict is the default
+            assert judge.score(items("pneumonia")) == [None]
+            assert judge.stats()["judge/failures"] == 1
         with judge_for(server.base_url, tmp_path, parser="strict") as judge:
             assert judge.score(items("pneumonia")) == [None]
         with judge_for(server.base_url, tmp_path, parser="contains") as judge:

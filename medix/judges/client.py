@@ -41,7 +41,7 @@ class ClientSettings:
     temperature: float = 0.0
     max_tokens: int = 4
     scoring: str = "text"
-    parser: str = "contains"
+    parser: str = "strict"
     top_logprobs: int = 10
     template: str | None = None
     max_prediction_chars: int | None = 2000

@@ -95,8 +95,8 @@ def verdict_strict(reply: str) -> float | None:
 PARSERS = {"contains": verdict_contains_yes, "strict": verdict_strict}
 
 
-def parse_verdict(reply: str, parser: str = "contains") -> float | None:
-    """Apply the named reply parser ("contains" = the paper's default, "strict" = leading YES/NO only)."""
+def parse_verdict(reply: str, parser: str = "strict") -> float | None:
+    """Apply the named reply parser ("strict" = leading YES/NO only, medix's default; "contains" = the paper's)."""
     if parser not in PARSERS:
         raise ConfigError(f"judge.parser: {parser!r} is not one of {sorted(PARSERS)}")
     return PARSERS[parser](reply)
