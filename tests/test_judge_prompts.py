@@ -1,6 +1,7 @@
 """Pure parts of the judge: prompt rendering, reply parsers, logprob scoring, the rule judge."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,9 @@ from medix.judges.prompts import (
     verdict_strict,
     yes_probability,
 )
-from medix.judges.rule import normalized_words, rule_match
+from medix.judges.rule import negation_consistent, normalized_words, rule_match
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.mark.parametrize(
@@ -42,6 +45,18 @@ def test_parse_verdict_dispatches_and_rejects_unknown_parser():
     assert parse_verdict("The answer is YES", "strict") is None
     with pytest.raises(ConfigError, match="judge.parser"):
         parse_verdict("YES", "fuzzy")
+
+
+def test_strict_is_the_default_parser_in_code_and_in_every_llm_judge_config():
+    from omegaconf import OmegaConf
+
+    from medix.judges.client import ClientSettings
+
+    assert parse_verdict("The answer is YES") is None and parse_verdict("NO, not YES") == 0.0
+    assert ClientSettings(model="m", base_url="http://127.0.0.1:1/v1").parser == "strict"
+    for name in ("local", "openai", "qwen"):
+        cfg = OmegaConf.load(CONF / "judge" / f"{name}.yaml")
+        assert cfg.parser == "strict", f"conf/judge/{name}.yaml: parser is {cfg.parser!r}"
 
 
 def test_yes_probability_normalises_over_yes_and_no_tokens():
@@ -88,3 +103,41 @@ def test_rule_judge_normalised_word_containment():
     assert scores == [1.0, 0.0]
     stats = judge.stats()
     assert stats["judge/calls"] == 2 and stats["judge/failures"] == 0 and stats["judge/cache_hit_rate"] == 0
+
+
+@pytest.mark.parametrize("prediction", [
+    "not pneumonia", "No evidence of pneumonia.", "Pneumonia is ruled out", "without pneumonia", "It isn't pneumonia",
+    "pneumonia is not seen", "negative for pneumonia", "pneumonia has been excluded", "absence of pneumonia",
+    "pneumonia or not pneumonia", "no pneumonia. " * 50,
+])
+def test_rule_judge_rejects_the_reference_restated_with_a_negation(prediction):
+    assert normalized_words("pneumonia") <= normalized_words(prediction)  # word containment alone would say YES
+    assert rule_match(prediction, "pneumonia") == 0.0
+    assert not negation_consistent(prediction, "pneumonia")
+    assert RuleJudge().score([JudgeItem(None, prediction, "pneumonia")]) == [0.0]
+
+
+@pytest.mark.parametrize(("prediction", "reference"), [
+    ("Pneumonia, no pleural effusion.", "pneumonia"),             # a negation of another finding
+    ("No effusion. Right lower lobe pneumonia.", "pneumonia"),    # the scope ends at the sentence
+    ("no effusion but pneumonia", "pneumonia"),                   # ... and at `but`
+    ("pneumonia cannot be excluded", "pneumonia"),                # a double negation keeps it possible
+    ("no change in the pneumonia", "pneumonia"),                  # a pseudo-negation
+    ("vitamin C, not vitamin D", "vitamin C"),
+    ("right lower lobe pneumonia; no consolidation in the left lower lobe", "right lower lobe pneumonia"),
+    ("No pneumothorax.", "no pneumothorax"),                      # a negated reference, stated negated
+    ("non-small cell lung cancer", "non-small cell lung cancer"),
+    ("No.", "no"),
+])
+def test_rule_judge_keeps_matches_whose_polarity_agrees(prediction, reference):
+    assert rule_match(prediction, reference) == 1.0
+
+
+@pytest.mark.parametrize(("prediction", "reference"), [
+    ("pneumothorax, no effusion", "no pneumothorax"),             # the reference denies what the prediction states
+    ("pneumothorax, not left sided", "left sided pneumothorax"),  # one reference word only in a negated clause
+    ("not vitamin C", "vitamin C"),
+])
+def test_rule_judge_rejects_a_polarity_flip_of_any_reference_word(prediction, reference):
+    assert normalized_words(reference) <= normalized_words(prediction)
+    assert rule_match(prediction, reference) == 0.0
