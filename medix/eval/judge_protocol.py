@@ -84,6 +84,15 @@ def strip_reasoning(text: str, reasoning_tag: str) -> str:
     return (text[cut:] if cut >= 0 else text).strip()
 
 
+def judged_answer(prediction: str, reasoning_tag: str, max_chars: int | None = None) -> str:
+    """What the judge reads of a prediction: the text after the last closing reasoning tag, cleaned as the training
+    judge cleans it (`medix.judges.prompts.clean_prediction`: look-alikes folded, invisible characters dropped, tag-like
+    `<` written `&lt;`, cut to `max_chars` with a mark)."""
+    from medix.judges.prompts import clean_prediction
+
+    return clean_prediction(strip_reasoning(prediction, reasoning_tag), max_chars)
+
+
 def judge_prompt(scoring: str, question: str, reference: str, prediction: str, suffix: str = "") -> str:
     """The first user message of the judge conversation for a `binary` or `rubric` task."""
     template = RUBRIC_PROMPT if scoring == "rubric" else BINARY_PROMPT

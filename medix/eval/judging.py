@@ -14,9 +14,9 @@ from medix.eval.judge_protocol import (
     REEVALUATE,
     item_score,
     judge_prompt,
+    judged_answer,
     parse_score,
     rounds_done,
-    strip_reasoning,
 )
 from medix.judges.cache import JudgeCache, cache_key
 
@@ -30,6 +30,7 @@ class ProtocolSettings:
     parse_failure_score: float = 0.0
     max_tokens: int = 512
     prompt_suffix: str = ""
+    max_prediction_chars: int | None = None  # longer answers reach the judge cut, with a mark
 
 
 @dataclass
@@ -81,7 +82,7 @@ class ConversationJudge:
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def judge(self, scoring: str, question: str, reference: str, prediction: str) -> Verdict:
-        answer = strip_reasoning(prediction, self.reasoning_tag)
+        answer = judged_answer(prediction, self.reasoning_tag, self.protocol.max_prediction_chars)
         messages = [{"role": "user", "content": judge_prompt(scoring, question, reference, answer,
                                                             self.protocol.prompt_suffix)}]
         scores: list[float] = []

@@ -134,7 +134,8 @@ def conversation_judge(cfg: DictConfig, base_url: str) -> ConversationJudge:
                                 max_retries=judge.max_retries)
     settings = ProtocolSettings(rounds=protocol.rounds, max_parse_retries=protocol.max_parse_retries,
                                 parse_failure_score=protocol.parse_failure_score, max_tokens=protocol.max_tokens,
-                                prompt_suffix=protocol.prompt_suffix or "")
+                                prompt_suffix=protocol.prompt_suffix or "",
+                                max_prediction_chars=protocol.get("max_prediction_chars"))
     return ConversationJudge(client, judge.model, temperature=judge.temperature, protocol=settings,
                              reasoning_tag=cfg.reasoning_tag, cache=cache, max_concurrency=judge.max_concurrency)
 
