@@ -13,7 +13,8 @@ from medix.data.images import load_image
 from medix.data.prompts import render_prompt
 from medix.data.samples import Sample
 from medix.errors import ConfigError, MedixError
-from medix.grpo.rollout import completion_logprobs, completion_mask_from_ids, generate_completions, select_rows
+from medix.grpo.rollout import (completion_logprobs, completion_mask_from_ids, concat_rollouts, generate_completions,
+                                select_rows)
 from medix.models import load_backbone
 from medix.models.tiny_vlm import IMAGE_TOKEN, build_vision_tower
 
@@ -124,6 +125,42 @@ def test_rollout_and_completion_logprobs_match_a_direct_forward(backbone, images
     part = select_rows(rollout, [3, 0])  # row slicing carries each row's pixels
     sub, _ = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, part.extra_inputs)
     assert torch.allclose(sub, logp[[3, 0]], atol=1e-4)
+
+
+def test_rollouts_with_different_image_counts_join_and_score_like_their_parts(backbone, images):
+    """DAPO joins the kept groups of several rollouts and the update splits them into mini-batches: rows with two
+    images, one image and none (other prompt and completion lengths) keep their own log-probabilities."""
+    processor, tokenizer, model = backbone.processor, backbone.tokenizer, backbone.model
+    sample = dict(group_size=2, temperature=1.0, top_p=1.0, processor=processor)
+    torch.manual_seed(1)
+    mixed = generate_completions(model, tokenizer, [chat(processor, 2), chat(processor, 1, "Which organ is this?")],
+                                 max_new_tokens=5, images=[images[:2], [images[2]]], **sample)
+    single = generate_completions(model, tokenizer, [chat(processor, 1, "Name the modality of this study, briefly.")],
+                                  max_new_tokens=8, images=[[images[1]]], **sample)
+    text = generate_completions(model, tokenizer, [chat(processor, 0, "What is the normal resting heart rate?")],
+                                max_new_tokens=3, images=None, **sample)
+    assert mixed.image_counts == [2, 2, 1, 1] and single.image_counts == [1, 1] and text.image_counts is None
+    assert single.extra_inputs["pixel_values"].shape[1] == 1 and text.extra_inputs == {}
+    parts = [select_rows(mixed, [0, 1, 2, 3]), single, text]
+    merged = concat_rollouts(parts, pad_token_id=tokenizer.pad_token_id)
+    assert merged.image_counts == [2, 2, 1, 1, 1, 1, 0, 0]
+    assert merged.extra_inputs["pixel_values"].shape == (8, 2, 3, 64, 64)
+    own = [completion_logprobs(model, p.input_ids, p.attention_mask, p.prompt_length, p.extra_inputs)[0] for p in parts]
+    logp, _ = completion_logprobs(model, merged.input_ids, merged.attention_mask, merged.prompt_length,
+                                  merged.extra_inputs)
+    start = 0
+    for part, part_logp in zip(parts, own):
+        rows, length = part.input_ids.shape[0], part.completion_mask.shape[1]
+        mask = part.completion_mask.bool()
+        assert torch.allclose(logp[start:start + rows, :length][mask], part_logp[mask], atol=1e-4)
+        assert merged.completion_mask[start:start + rows, length:].sum() == 0
+        start += rows
+    for rows in ([0, 4], [6, 2, 5]):  # mini-batches mixing image counts
+        chunk = select_rows(merged, rows)
+        chunk_logp, _ = completion_logprobs(model, chunk.input_ids, chunk.attention_mask, chunk.prompt_length,
+                                            chunk.extra_inputs)
+        mask = chunk.completion_mask.bool()
+        assert torch.allclose(chunk_logp[mask], logp[rows][mask], atol=1e-4)
 
 
 def test_greedy_generate_agrees_with_forward(backbone, images):

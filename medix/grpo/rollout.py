@@ -266,20 +266,25 @@ def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
 def select_extra(extra: dict, rows: list[int], n_rows: int, image_counts: list[int] | None = None) -> dict:
     """The extra model inputs of the given rows. Qwen-VL's flattened patches are sliced per row by `image_counts`
     (rows may hold different numbers of images); [rows, ...] tensors (tiny_vlm's [rows, images, 3, S, S] pixels,
-    mm_token_type_ids) are indexed."""
+    mm_token_type_ids) are indexed. Rows without any image get no pixel inputs at all (the model sees text only)."""
     if not extra:
         return {}
     out = dict(extra)
-    if "image_grid_thw" in extra:  # flattened patches: slice each row's patch range
-        counts = image_counts if image_counts is not None else even_counts(len(extra["image_grid_thw"]), n_rows)
-        pixels, grids = split_qwen_vl_images(extra["pixel_values"], extra["image_grid_thw"], counts)
+    flattened = "image_grid_thw" in extra
+    if flattened:  # flattened patches: slice each row's patch range
+        image_counts = image_counts if image_counts is not None else even_counts(len(extra["image_grid_thw"]), n_rows)
+        pixels, grids = split_qwen_vl_images(extra["pixel_values"], extra["image_grid_thw"], image_counts)
         out["pixel_values"] = torch.cat([pixels[r] for r in rows])
         out["image_grid_thw"] = torch.cat([grids[r] for r in rows])
     index = torch.tensor(rows, dtype=torch.long)
     for key, value in extra.items():
-        if key not in ("pixel_values", "image_grid_thw") or "image_grid_thw" not in extra:
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n_rows:
-                out[key] = value[index.to(value.device)]
+        if flattened and key in ("pixel_values", "image_grid_thw"):
+            continue
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n_rows:
+            out[key] = value[index.to(value.device)]
+    if image_counts is not None and not any(image_counts[r] for r in rows):
+        out.pop("pixel_values", None)
+        out.pop("image_grid_thw", None)
     return out
 
 
