@@ -27,9 +27,10 @@ def output_dir_of(cfg) -> Path:
 
 
 def last_logged_step(logger) -> int:
-    """The last GRPO step whose metrics the tracker already holds (a resumed run logs only later steps)."""
-    history = logger.experiment.get_metric_history(logger.run_id, "loss")
-    return max((m.step for m in history), default=0)
+    """The last GRPO step whose metrics the tracker already holds (a resumed run logs only later steps). `lr` is in
+    every step's batch of metrics; `loss` too unless it was NaN (NaN values are not logged)."""
+    client, run_id = logger.experiment, logger.run_id
+    return max((m.step for key in ("lr", "loss") for m in client.get_metric_history(run_id, key)), default=0)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

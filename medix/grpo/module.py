@@ -280,15 +280,17 @@ class GRPOModule(L.LightningModule):
                 clean["reward_hacking/alert"] = 1.0
                 if self.logger is not None and self.global_rank == 0:
                     self.logger.experiment.set_tag(self.logger.run_id, "reward_hacking", alert.message[:5000])
-        if self.grpo_step <= self.last_logged_step:
-            return  # recomputed after a resume; the tracker already holds this step
+        summary = " ".join(f"{k}={clean[k]:.4g}" for k in ("reward/overall/mean", "loss", "completion/mean_length")
+                           if k in clean)
+        if self.grpo_step <= self.last_logged_step:  # recomputed after a resume; the tracker already holds this step
+            log.info("step %d recomputed after resume, already logged | %s", self.grpo_step, summary)
+            return
         self.last_logged_step = self.grpo_step
         for logger in self.loggers:
             logger.log_metrics(clean, step=self.grpo_step)
         if self.sample_table_every and self.grpo_step % self.sample_table_every == 1 % self.sample_table_every:
             self.log_samples(samples, rollout, reward_batch)
-        log.info("step %d | %s", self.grpo_step, " ".join(
-            f"{k}={clean[k]:.4g}" for k in ("reward/overall/mean", "loss", "completion/mean_length") if k in clean))
+        log.info("step %d | %s", self.grpo_step, summary)
 
     def log_samples(self, samples, rollout, reward_batch):
         if self.logger is None or self.global_rank != 0 or not hasattr(self.logger, "run_id"):
