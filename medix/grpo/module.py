@@ -6,12 +6,14 @@ import logging
 import math
 import random
 import time
+import zlib
 from contextlib import nullcontext
 
 import lightning as L
 import torch
 
 from medix.data.prompts import render_prompt
+from medix.errors import ConfigError
 from medix.grpo.checkpoint import load_trainable_state, restore_rng, rng_state, save_checkpoint, trainable_state
 from medix.grpo.losses import dapo_group_filter, frac_reward_zero_std, group_advantages, policy_loss
 from medix.rewards.composite import RewardBatch
@@ -19,11 +21,14 @@ from medix.grpo.rollout import Rollout, completion_logprobs, concat_rollouts, ge
 
 log = logging.getLogger(__name__)
 
+# Metrics summed over ranks (counts); every other metric is averaged over ranks.
+SUMMED_METRICS = frozenset({"judge/calls", "judge/failures", "judge/http_requests", "dapo/kept_groups"})
+
 
 class GRPOModule(L.LightningModule):
     """One training step = one rollout of `prompts_per_step` prompts × `group_size` completions and its updates."""
 
-    def __init__(self, backbone, reward, algorithm, *, reasoning_tag: str, max_steps: int, refill_pool=None,
+    def __init__(self, backbone, reward, algorithm, *, reasoning_tag: str, max_steps: int | None, refill_pool=None,
                  judge=None, sample_table_every: int = 0, reward_monitor=None, seed: int = 0, image_loader=None,
                  val_samples=None, val_every: int = 0, checkpoint_path=None, checkpoint_every: int = 0,
                  resume_state: dict | None = None, run_id_getter=None):
@@ -35,7 +40,7 @@ class GRPOModule(L.LightningModule):
         self.judge = judge
         self.algo = algorithm
         self.reasoning_tag = reasoning_tag
-        self.max_steps = max_steps
+        self.max_steps = max_steps  # None: until trainer.max_epochs ends (resolved in on_train_start)
         self.refill_pool = list(refill_pool or [])
         self.refill_rng = random.Random(seed)
         self.sample_table_every = sample_table_every
@@ -70,6 +75,8 @@ class GRPOModule(L.LightningModule):
 
     # ---- the step -----------------------------------------------------------------------------------------------
     def on_train_start(self):
+        if self.max_steps is None:
+            self.max_steps = self.steps_until_epochs_end()
         if self.resume_state is not None:
             state = self.resume_state
             load_trainable_state(self.model, state["weights"])
@@ -79,6 +86,14 @@ class GRPOModule(L.LightningModule):
             self.last_logged_step = max(state["grpo_step"], state.get("last_logged_step", 0))
             self.refill_rng.setstate(state["refill_rng"])
             log.info("resumed at step %d (data position %d)", self.grpo_step, state["batches_seen"])
+
+    def steps_until_epochs_end(self) -> int:
+        """trainer.max_steps=null: one GRPO step per batch of this rank's shard, for trainer.max_epochs epochs."""
+        epochs, batches = self.trainer.max_epochs, self.trainer.num_training_batches
+        if epochs is None or epochs < 0 or not math.isfinite(batches):
+            raise ConfigError(f"trainer.max_steps=null runs until trainer.max_epochs ends, but trainer.max_epochs="
+                              f"{epochs}; set trainer.max_steps or a finite trainer.max_epochs")
+        return int(epochs * batches)
 
     def training_step(self, batch, batch_idx):
         if self.resume_state is not None and self.batches_seen < self.resume_state["batches_seen"]:
@@ -95,20 +110,20 @@ class GRPOModule(L.LightningModule):
         samples, rollout, rewards, reward_batch, dapo_metrics = self.collect(batch, timings)
         metrics = self.update(rollout, rewards, reward_batch, timings)
         metrics.update(dapo_metrics)
-        metrics.update(reward_batch.metrics())
         metrics["frac_reward_zero_std"] = float(frac_reward_zero_std(rewards, self.algo.group_size))
         metrics["completion/mean_length"] = float(rollout.completion_mask.sum(1).float().mean())
         metrics["completion/clipped_ratio"] = float(rollout.truncated.float().mean())
         metrics.update({f"time/{k}_s": v for k, v in timings.items()})
         metrics = self.reduce_across_ranks(metrics)
+        metrics.update(self.reward_metrics(reward_batch))  # over the whole batch of every rank
         metrics["lr"] = self.optimizers().param_groups[0]["lr"]
         self.grpo_step += 1
         if self.val_samples and self.val_every and (self.grpo_step % self.val_every == 0
                                                     or self.grpo_step == self.max_steps):
             self.val_metrics = self.validation_rewards()
             metrics.update(self.val_metrics)
-        if self.judge is not None:  # cumulative, validation calls included
-            metrics.update(self.judge.stats())
+        if self.judge is not None:  # cumulative, validation calls included; counts summed over ranks
+            metrics.update(self.reduce_across_ranks(self.judge.stats()))
         self.log_step(metrics, samples, rollout, reward_batch)
         if self.checkpoint_every and self.grpo_step % self.checkpoint_every == 0 or self.grpo_step == self.max_steps:
             self.save_checkpoint()
@@ -132,20 +147,22 @@ class GRPOModule(L.LightningModule):
 
     @torch.no_grad()
     def validation_rewards(self) -> dict[str, float]:
-        """The reward of one sampled completion per held-out prompt, as `val/reward/<c>/mean|std`."""
+        """The reward of one sampled completion per held-out prompt, as `val/reward/<c>/mean|std`; under DDP each
+        rank scores its own slice of the held-out prompts and the statistics are over all of them."""
         t0 = time.perf_counter()
         size = max(int(self.algo.prompts_per_step) * int(self.algo.group_size), 1)
+        shard = self.val_samples[self.global_rank::self.world_size]
         texts, solutions, questions = [], [], []
-        for start in range(0, len(self.val_samples), size):
-            chunk = self.val_samples[start:start + size]
+        for start in range(0, len(shard), size):
+            chunk = shard[start:start + size]
             rollout = self.rollout(chunk, group_size=1)
             texts += rollout.texts
             solutions += [s.solution for s in chunk]
             questions += [s.problem for s in chunk]
         reward_batch = self.reward(texts, solutions, questions)
-        metrics = {f"val/{k}": v for k, v in reward_batch.metrics().items()}
-        metrics["time/validation_s"] = time.perf_counter() - t0
-        return self.reduce_across_ranks(metrics)
+        metrics = {f"val/{k}": v for k, v in self.reward_metrics(reward_batch).items()}
+        metrics.update(self.reduce_across_ranks({"time/validation_s": time.perf_counter() - t0}))
+        return metrics
 
     def collect(self, batch, timings):
         """Roll out and score; with dynamic sampling (DAPO) keep informative groups and refill up to max_tries."""
@@ -177,9 +194,10 @@ class GRPOModule(L.LightningModule):
                 kept_rollouts.append(select_rows(rollout, rows))
                 kept_rewards.append(rewards[rows])
                 kept_batches.append(select_rewards(reward_batch, rows))
-            if len(kept_samples) >= wanted or tries >= dyn.max_tries or not self.refill_pool:
+            pool = self.refill_pool[self.global_rank::self.world_size]  # DDP: each rank refills from its slice
+            if len(kept_samples) >= wanted or tries >= dyn.max_tries or not pool:
                 break
-            prompts = self.refill_rng.sample(self.refill_pool, min(wanted - len(kept_samples), len(self.refill_pool)))
+            prompts = self.refill_rng.sample(pool, min(wanted - len(kept_samples), len(pool)))
         metrics = {"dapo/tries": float(tries), "dapo/kept_groups": float(len(kept_samples))}
         if not kept_samples:  # nothing informative: train on the last rollout (its advantages are all zero)
             return prompts, rollout, rewards, reward_batch, metrics
@@ -214,19 +232,25 @@ class GRPOModule(L.LightningModule):
         n = rollout.input_ids.shape[0]
         mini = min(int(algo.mini_batch_size), n)
         chunks = [list(range(i, min(i + mini, n))) for i in range(0, n, mini)]
+        # DDP: every rank must take as many backward passes (gradient all-reduces) and optimizer steps as the others.
+        # A rank with fewer rows (DAPO kept fewer groups) pads with no-op chunks: row 0, all tokens masked out.
+        n_real = len(chunks)
+        chunks += [[0]] * (self.chunk_count_across_ranks(n_real) - n_real)
         reuse_logp = algo.num_iterations == 1 and len(chunks) == 1  # on-policy single update: old = current, detached
-        old_logp = None if reuse_logp else self.score_rows(rollout, chunks, self.model)
-        ref_logp = self.reference_logprobs(rollout, chunks) if algo.beta > 0 else None
+        old_logp = None if reuse_logp else self.score_rows(rollout, chunks[:n_real], self.model)
+        ref_logp = self.reference_logprobs(rollout, chunks[:n_real]) if algo.beta > 0 else None
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         totals: dict[str, list[float]] = {}
         for _ in range(int(algo.num_iterations)):
-            for rows in chunks:
+            for chunk_index, rows in enumerate(chunks):
+                padding = chunk_index >= n_real
                 part = select_rows(rollout, rows)
                 logp, entropy = completion_logprobs(self.model, part.input_ids, part.attention_mask,
                                                     part.prompt_length, part.extra_inputs, with_entropy=True)
+                chunk_mask = mask[rows] * 0.0 if padding else mask[rows]
                 loss, m = policy_loss(
-                    logp, logp.detach() if reuse_logp else old_logp[rows], advantages[rows], mask[rows],
+                    logp, logp.detach() if reuse_logp else old_logp[rows], advantages[rows], chunk_mask,
                     clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
                     importance=algo.importance, beta=algo.beta,
                     ref_logp=None if ref_logp is None else ref_logp[rows], max_completion_length=algo.max_new_tokens,
@@ -237,6 +261,8 @@ class GRPOModule(L.LightningModule):
                     self.clip_gradients(optimizer, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 scheduler.step()
+                if padding:
+                    continue
                 m = {k: float(v) for k, v in m.items()}
                 m["loss"] = float(loss.detach())
                 m["entropy"] = float(masked_mean(entropy.detach(), mask[rows]))
@@ -261,14 +287,58 @@ class GRPOModule(L.LightningModule):
         with self.model.disable_adapter():  # LoRA: the base model is the reference, no second copy
             return self.score_rows(rollout, chunks, self.model)
 
-    # ---- logging ------------------------------------------------------------------------------------------------
-    def reduce_across_ranks(self, metrics: dict) -> dict:
-        if self.trainer.world_size <= 1:
+    # ---- ranks and logging --------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        """Number of data-parallel processes (1 when no Trainer is attached)."""
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def chunk_count_across_ranks(self, count: int) -> int:
+        if self.world_size <= 1:
+            return count
+        return int(self.all_gather(torch.tensor(count, device=self.device)).max())
+
+    def reduce_across_ranks(self, metrics: dict, summed=SUMMED_METRICS) -> dict:
+        """Under DDP: the mean over ranks (NaN left out), or the sum for the names in `summed`. Every rank must give
+        the same names; a mismatch raises instead of pairing one rank's value with another's name."""
+        if self.world_size <= 1:
             return metrics
         keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        values = self.trainer.strategy.reduce(values, reduce_op="mean")
-        return dict(zip(keys, values.tolist()))
+        names = float(zlib.crc32("\n".join(keys).encode()))
+        local = torch.tensor([names] + [float("nan") if metrics[k] is None else float(metrics[k]) for k in keys],
+                             dtype=torch.float64, device=self.device)
+        gathered = self.all_gather(local).reshape(self.world_size, -1)  # [ranks, 1 + keys]
+        if not bool((gathered[:, 0] == names).all()):
+            raise RuntimeError(f"rank {self.global_rank}: the ranks logged different metric names ({keys}); "
+                               "every rank must compute the same metrics")
+        reduced = {}
+        for i, key in enumerate(keys, start=1):
+            column = gathered[:, i]
+            reduced[key] = float(column.nansum() if key in summed else column.nanmean())
+        return reduced
+
+    def reward_metrics(self, batch: RewardBatch) -> dict[str, float]:
+        """`reward/<c>/mean|std` (population std, None left out) over the completions of every rank, exact whatever
+        the number of completions each rank scored; one rank: `RewardBatch.metrics()`."""
+        if self.world_size <= 1:
+            return batch.metrics()
+        names = ["overall", *batch.components]
+        columns = [batch.overall, *batch.components.values()]
+        scored = [[float(v) for v in values if v is not None] for values in columns]
+        totals = {f"{i:03d}/{k}": float(x) for i, values in enumerate(scored)
+                  for k, x in (("n", len(values)), ("sum", sum(values)))}
+        totals = self.reduce_across_ranks(totals, summed=set(totals))
+        means = [totals[f"{i:03d}/sum"] / totals[f"{i:03d}/n"] if totals[f"{i:03d}/n"] else 0.0
+                 for i in range(len(names))]
+        squares = {f"{i:03d}/sq": sum((v - means[i]) ** 2 for v in values) for i, values in enumerate(scored)}
+        squares = self.reduce_across_ranks(squares, summed=set(squares))
+        out = {}
+        for i, name in enumerate(names):
+            count = totals[f"{i:03d}/n"]
+            if count:
+                out[f"reward/{name}/mean"] = means[i]
+                out[f"reward/{name}/std"] = math.sqrt(squares[f"{i:03d}/sq"] / count)
+        return out
 
     def log_step(self, metrics, samples, rollout, reward_batch):
         clean = {k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}
