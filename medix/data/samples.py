@@ -9,9 +9,12 @@ from medix.data.tags import split_solution
 from medix.errors import ConfigError, DataError
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sample:
-    """A question with its '<TAG> answer' ground truth; `tag`/`answer` are the two halves of `solution`."""
+    """A question with its '<TAG> answer' ground truth; `tag`/`answer` are the two halves of `solution`.
+
+    Not frozen: training batches are lists of Samples, and Lightning's precision plugins (bf16-true, 16-true, 64-true)
+    rebuild every dataclass in a batch field by field with setattr, which a frozen dataclass refuses."""
 
     id: str
     problem: str

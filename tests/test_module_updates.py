@@ -1,0 +1,143 @@
+"""GRPOModule steps through Lightning on a tiny random Llama: LoRA and full fine-tune both update the right weights
+against the right reference, `trainer.max_steps=null`, and `precision=bf16-true`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from medix.data.datamodule import PromptDataModule
+from medix.data.prompts import render_prompt
+from medix.errors import ConfigError
+from medix.grpo.module import GRPOModule
+from medix.grpo.rollout import completion_logprobs, generate_completions
+from tiny_lm import (TargetWordReward, algorithm, memory_logger, one_thread, tiny_backbone, tiny_model,  # noqa: F401
+                     trainer, word_samples)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS, GROUP, TOKENS = 2, 4, 8
+
+
+def grpo(**overrides):
+    settings = dict(group_size=GROUP, prompts_per_step=PROMPTS, max_new_tokens=TOKENS, mini_batch_size=PROMPTS * GROUP,
+                    lr=1e-2, beta=0.01)
+    settings.update(overrides)
+    return algorithm("grpo", **settings)
+
+
+def fit(backbone, algo, *, max_steps=1, samples=8, logger=None, **trainer_kwargs):
+    torch.manual_seed(0)
+    module = GRPOModule(backbone, TargetWordReward(max_new_tokens=TOKENS), algo, reasoning_tag="thinking",
+                        max_steps=max_steps, **trainer_kwargs.pop("module_kwargs", {}))
+    data = PromptDataModule(word_samples(samples), [], batch_size=algo.prompts_per_step, seed=0)
+    logger = logger if logger is not None else memory_logger()
+    trainer(logger=logger, **trainer_kwargs).fit(module, datamodule=data)
+    return module, logger
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def logprobs_against(module, reference_model):
+    """Log-probs of fresh completions under module's reference, its policy and `reference_model` (masked)."""
+    tokenizer = module.backbone.tokenizer
+    prompts = [render_prompt(s, tokenizer, "thinking") for s in word_samples(2)]
+    torch.manual_seed(1)
+    rollout = generate_completions(module.model, tokenizer, prompts, group_size=2, max_new_tokens=TOKENS,
+                                   temperature=1.0, top_p=1.0)
+    mask = rollout.completion_mask.bool()
+    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+    ref = module.reference_logprobs(rollout, [list(range(rollout.input_ids.shape[0]))])
+    with torch.no_grad():
+        policy, _ = completion_logprobs(module.model, *args)
+        expected, _ = completion_logprobs(reference_model, *args)
+    return ref[mask], policy[mask], expected[mask]
+
+
+def assert_step_had_a_gradient(logger):
+    step = logger.steps[1]
+    assert step["frac_reward_zero_std"] < 1.0  # some group's rewards differed: non-zero advantages
+    assert torch.isfinite(torch.tensor(step["loss"]))
+
+
+def test_lora_step_updates_the_adapter_only_and_the_reference_is_the_disabled_adapter():
+    base = tiny_model(seed=0)
+    pristine = copy.deepcopy(base).eval()
+    backbone = tiny_backbone(lora=True, model=base)
+    before = snapshot(backbone.model)
+    module, logger = fit(backbone, grpo(beta=0.01))
+    assert_step_had_a_gradient(logger)
+    assert module.grpo_step == 1
+    assert module.ref_model is None  # no second copy of the model
+    after = snapshot(module.model)
+    trainable = {name for name, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    for name, value in after.items():
+        if name in trainable:
+            assert not torch.equal(value, before[name]), f"adapter weight {name} did not change"
+        else:
+            assert torch.equal(value, before[name]), f"base weight {name} changed"
+    assert all(after[n].abs().max() > 0 for n in trainable if "lora_B" in n)  # lora_B left its zero init
+    ref, policy, base_logp = logprobs_against(module, pristine)
+    torch.testing.assert_close(ref, base_logp, rtol=1e-5, atol=1e-5)  # reference = the untouched base model
+    assert (policy - base_logp).abs().max() > 1e-3  # the policy is no longer the base model
+
+
+def test_full_finetune_step_updates_every_weight_against_a_frozen_reference_copy():
+    base = tiny_model(seed=0)
+    pristine = copy.deepcopy(base).eval()
+    backbone = tiny_backbone(lora=False, model=base)
+    before = snapshot(backbone.model)
+    module, logger = fit(backbone, grpo(beta=0.01))
+    assert_step_had_a_gradient(logger)
+    ref_model = module.ref_model
+    assert ref_model is not None and ref_model is not module.model
+    policy_ids = {id(p) for p in module.model.parameters()}
+    assert not policy_ids & {id(p) for p in ref_model.parameters()}  # a copy, not shared tensors
+    assert all(not p.requires_grad for p in ref_model.parameters())
+    optimized = {id(p) for group in module.optimizers().optimizer.param_groups for p in group["params"]}
+    assert optimized == policy_ids  # full fine-tune: every policy weight, and nothing of the reference
+    after = snapshot(module.model)
+    for name, value in after.items():
+        assert not torch.equal(value, before[name]), f"weight {name} did not change"
+    for (name, value), (_, original) in zip(ref_model.named_parameters(), pristine.named_parameters()):
+        assert torch.equal(value, original), f"reference weight {name} changed"
+    ref, policy, base_logp = logprobs_against(module, pristine)
+    torch.testing.assert_close(ref, base_logp, rtol=1e-5, atol=1e-5)
+    assert (policy - base_logp).abs().max() > 1e-3
+
+
+def test_no_reference_model_without_a_kl_term():
+    module = GRPOModule(tiny_backbone(lora=False), TargetWordReward(), grpo(beta=0.0), reasoning_tag="thinking",
+                        max_steps=1)
+    assert module.ref_model is None
+
+
+def test_max_steps_null_trains_until_the_epochs_end(tmp_path):
+    checkpoint = tmp_path / "last.ckpt"
+    module, logger = fit(tiny_backbone(lora=True), grpo(beta=0.0), max_steps=None, samples=6, max_epochs=1,
+                         module_kwargs={"checkpoint_path": checkpoint})
+    assert module.max_steps == 3 and module.grpo_step == 3  # 6 prompts, 2 per step, one epoch
+    assert sorted(logger.steps) == [1, 2, 3]
+    assert torch.load(checkpoint, weights_only=False)["grpo_step"] == 3  # the end-of-run checkpoint
+
+
+def test_max_steps_null_without_an_epoch_limit_names_the_keys():
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps=null .* trainer\.max_epochs=-1"):
+        fit(tiny_backbone(lora=True), grpo(beta=0.0), max_steps=None, max_epochs=-1)
+
+
+def test_bf16_true_precision_trains_a_step():
+    backbone = tiny_backbone(lora=False)
+    before = snapshot(backbone.model)
+    module, logger = fit(backbone, grpo(beta=0.01), precision="bf16-true")
+    assert module.grpo_step == 1
+    assert_step_had_a_gradient(logger)
+    after = snapshot(module.model)
+    assert all(value.dtype == torch.bfloat16 for value in after.values())
+    assert all(torch.isfinite(value).all() for value in after.values())
+    changed = [n for n in after if not torch.equal(after[n], before[n].to(torch.bfloat16))]
+    assert len(changed) > len(after) // 2
