@@ -145,11 +145,16 @@ def freeze_vision_tower(model) -> int:
 
 
 def load_adapter(model, adapter_dir: str | Path):
-    """Load LoRA weights saved by a medix run (`<run>/adapter/`) onto a model."""
+    """Load LoRA weights saved by a medix run (`<run>/adapter/`) onto a model. A model that saves more than LoRA
+    (tiny_vlm: LoRA or the full LM, plus its vision tower) loads its own folder with `load_trained(dir)`."""
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     adapter_dir = Path(adapter_dir)
+    if callable(getattr(model, "load_trained", None)):
+        if not adapter_dir.is_dir():
+            raise ConfigError(f"adapter {str(adapter_dir)!r} is not a folder (expected a medix run's adapter/ folder)")
+        return model.load_trained(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"adapter {str(adapter_dir)!r} has no adapter_config.json (expected a medix run's adapter/ folder)")
     if isinstance(model, PeftModel):
