@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from medix.data.images import load_image
     from medix.grpo.checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint
     from medix.grpo.module import GRPOModule
+    from medix.grpo.warm_start import check_warm_start_config, warm_start
     from medix.judges import build_judge
     from medix.models import load_backbone
     from medix.rewards import build_reward
@@ -56,6 +57,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_id = resume_state["mlflow_run_id"]
         cfg.paths.output_dir = str(checkpoint.parent.parent)  # the resumed run keeps writing into its own folder
     output_dir = output_dir_of(cfg)
+    check_warm_start_config(cfg.warm_start)
     data = load_report(cfg.dataset)
     train_samples, val_samples = split_samples(data.samples, cfg.dataset.val_size, cfg.dataset.seed)
     backbone = load_backbone(cfg.backbone, cfg.paths.cache_dir)
@@ -89,6 +91,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log_run_config(logger, cfg, output_dir)
             logger.log_metrics({"data/train_rows": len(train_samples), "data/val_rows": len(val_samples),
                                 "data/skipped_rows": len(data.skipped)}, step=0)
+        if resume_state is None and cfg.warm_start.steps > 0:  # a resumed run's checkpoint holds the warmed weights
+            backbone.model.to(trainer.strategy.root_device)
+            warm_start(backbone, train_samples, cfg.warm_start, reasoning_tag=cfg.reasoning_tag, seed=cfg.seed,
+                       log_metrics=logger.log_metrics if logger is not None and trainer.global_rank == 0 else None)
         try:
             trainer.fit(module, datamodule=datamodule)
         except BaseException as exc:
