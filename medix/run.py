@@ -91,11 +91,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log_run_config(logger, cfg, output_dir)
             logger.log_metrics({"data/train_rows": len(train_samples), "data/val_rows": len(val_samples),
                                 "data/skipped_rows": len(data.skipped)}, step=0)
-        if resume_state is None and cfg.warm_start.steps > 0:  # a resumed run's checkpoint holds the warmed weights
-            backbone.model.to(trainer.strategy.root_device)
-            warm_start(backbone, train_samples, cfg.warm_start, reasoning_tag=cfg.reasoning_tag, seed=cfg.seed,
-                       log_metrics=logger.log_metrics if logger is not None and trainer.global_rank == 0 else None)
         try:
+            if resume_state is None and cfg.warm_start.steps > 0:  # a resumed checkpoint holds warmed weights
+                backbone.model.to(trainer.strategy.root_device)
+                warm_start(backbone, train_samples, cfg.warm_start, reasoning_tag=cfg.reasoning_tag, seed=cfg.seed,
+                           log_metrics=logger.log_metrics if logger is not None and trainer.global_rank == 0 else None)
             trainer.fit(module, datamodule=datamodule)
         except BaseException as exc:
             if isinstance(exc, JudgeError) and module.grpo_step > 0:
