@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The learning-curve run (see README.md): SmolLM2-135M + LoRA on medix_mini, rule judge, continuous embedding reward.
+# The learning-curve run (see README.md): SmolLM2-135M + LoRA on medix_mini, rule judge, continuous embedding reward,
+# after a 6-step format warm start (warm_start_probe.py: the policy then writes the form in ~60% of samples).
 # Usage (from the repository root, venv active or PYTHON=.venv/bin/python): bash experiments/learning_curve/run.sh [extra hydra overrides]
 set -euo pipefail
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 out=outputs/learning_curve/$(date +%Y-%m-%d_%H-%M-%S)
 "${PYTHON:-python}" -m medix.run judge=rule reward.embedding_mode=continuous \
+  warm_start.steps=6 warm_start.lr=1e-3 \
   algorithm.lr=1e-4 algorithm.group_size=4 algorithm.prompts_per_step=2 algorithm.max_new_tokens=64 \
-  trainer.max_steps=24 trainer.val_every=8 dataset.val_size=8 \
+  trainer.max_steps=30 trainer.val_every=10 dataset.val_size=8 \
   logger.tracking_uri=sqlite:///experiments/learning_curve/mlflow.db logger.experiment_name=learning_curve \
-  logger.sample_table_every=4 hydra.run.dir="$out" "$@"
+  logger.sample_table_every=5 hydra.run.dir="$out" "$@"
