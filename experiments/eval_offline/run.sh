@@ -9,5 +9,5 @@ mkdir -p "$OUT"
 exec python -m medix.evaluate \
   benchmark=all benchmark.data_dir="${BENCHMARKS:-/work/shared/benchmarks}" benchmark.missing=skip benchmark.limit=25 \
   generation.max_new_tokens=48 generation.batch_size=8 judge_protocol.max_tokens=64 \
-  eval.output_dir="$OUT" eval.run_name=smollm2_135m-offline-300 \
+  judge.timeout_s=300 eval.output_dir="$OUT" eval.run_name=smollm2_135m-offline-300 \
   logger.tracking_uri="sqlite:///$OUT/mlflow.db" hydra.run.dir="$OUT/hydra" "$@"
