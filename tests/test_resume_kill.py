@@ -92,7 +92,7 @@ def summaries(text: str) -> dict[int, list[str]]:
     return out
 
 
-@pytest.mark.slow  # two runs of medix.run: about 65 s of CPU, 130 s on the shared 2-core machine
+# Two runs of medix.run: about 60 s on this 2-core machine when quiet; in the default suite (which then takes ~12.5 min).
 def test_resume_after_sigkill_continues_the_same_mlflow_run_without_losing_or_repeating_a_step(tmp_path):
     killed_log = kill_mid_run(tmp_path)
     checkpoint = tmp_path / "out" / "checkpoints" / "last.ckpt"
