@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
