@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medix.grpo.lm_head import head_token_logprobs, split_lm_head
+from tiny_lm import tiny_qwen2
 
 
 def reference(hidden, head, targets):
@@ -61,25 +62,9 @@ def test_bf16_autocast_matches_float32_closely():
     torch.testing.assert_close(low, full, rtol=0.05, atol=0.05)
 
 
-def tiny_qwen2(lora: bool):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=97, max_position_embeddings=128, eos_token_id=1,
-                         pad_token_id=2, bos_token_id=None)
-    model = Qwen2ForCausalLM(config)
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 task_type="CAUSAL_LM", init_lora_weights=False))
-    return model
-
-
 @pytest.mark.parametrize("lora", [False, True])
 def test_split_lm_head_reproduces_the_model_logits(lora):
-    model = tiny_qwen2(lora).eval()
+    model = tiny_qwen2(lora=lora).eval()
     body, head = split_lm_head(model)
     ids = torch.randint(3, 97, (2, 9))
     with torch.no_grad():
@@ -89,6 +74,6 @@ def test_split_lm_head_reproduces_the_model_logits(lora):
 def test_split_lm_head_declines_a_lora_wrapped_head_and_plain_modules():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_qwen2(False), LoraConfig(r=4, target_modules=["lm_head"], task_type="CAUSAL_LM"))
+    model = get_peft_model(tiny_qwen2(), LoraConfig(r=4, target_modules=["lm_head"], task_type="CAUSAL_LM"))
     assert split_lm_head(model) is None
     assert split_lm_head(nn.Linear(3, 3)) is None

@@ -63,13 +63,25 @@ def assert_step_had_a_gradient(logger):
     assert torch.isfinite(torch.tensor(step["loss"]))
 
 
-def test_lora_step_updates_the_adapter_only_and_the_reference_is_the_disabled_adapter():
+def one_step_from_a_pristine_copy(*, lora: bool):
+    """One GRPO step (beta 0.01) on a tiny Llama: (module, untouched copy of the base model, weights before)."""
     base = tiny_model(seed=0)
     pristine = copy.deepcopy(base).eval()
-    backbone = tiny_backbone(lora=True, model=base)
+    backbone = tiny_backbone(lora=lora, model=base)
     before = snapshot(backbone.model)
     module, logger = fit(backbone, grpo(beta=0.01))
     assert_step_had_a_gradient(logger)
+    return module, pristine, before
+
+
+def assert_reference_is_the_base_and_the_policy_moved(module, pristine):
+    ref, policy, base_logp = logprobs_against(module, pristine)
+    torch.testing.assert_close(ref, base_logp, rtol=1e-5, atol=1e-5)  # reference = the untouched base model
+    assert (policy - base_logp).abs().max() > 1e-3  # the policy is no longer the base model
+
+
+def test_lora_step_updates_the_adapter_only_and_the_reference_is_the_disabled_adapter():
+    module, pristine, before = one_step_from_a_pristine_copy(lora=True)
     assert module.grpo_step == 1
     assert module.ref_model is None  # no second copy of the model
     after = snapshot(module.model)
@@ -81,18 +93,11 @@ def test_lora_step_updates_the_adapter_only_and_the_reference_is_the_disabled_ad
         else:
             assert torch.equal(value, before[name]), f"base weight {name} changed"
     assert all(after[n].abs().max() > 0 for n in trainable if "lora_B" in n)  # lora_B left its zero init
-    ref, policy, base_logp = logprobs_against(module, pristine)
-    torch.testing.assert_close(ref, base_logp, rtol=1e-5, atol=1e-5)  # reference = the untouched base model
-    assert (policy - base_logp).abs().max() > 1e-3  # the policy is no longer the base model
+    assert_reference_is_the_base_and_the_policy_moved(module, pristine)
 
 
 def test_full_finetune_step_updates_every_weight_against_a_frozen_reference_copy():
-    base = tiny_model(seed=0)
-    pristine = copy.deepcopy(base).eval()
-    backbone = tiny_backbone(lora=False, model=base)
-    before = snapshot(backbone.model)
-    module, logger = fit(backbone, grpo(beta=0.01))
-    assert_step_had_a_gradient(logger)
+    module, pristine, before = one_step_from_a_pristine_copy(lora=False)
     ref_model = module.ref_model
     assert ref_model is not None and ref_model is not module.model
     policy_ids = {id(p) for p in module.model.parameters()}
@@ -105,9 +110,7 @@ def test_full_finetune_step_updates_every_weight_against_a_frozen_reference_copy
         assert not torch.equal(value, before[name]), f"weight {name} did not change"
     for (name, value), (_, original) in zip(ref_model.named_parameters(), pristine.named_parameters()):
         assert torch.equal(value, original), f"reference weight {name} changed"
-    ref, policy, base_logp = logprobs_against(module, pristine)
-    torch.testing.assert_close(ref, base_logp, rtol=1e-5, atol=1e-5)
-    assert (policy - base_logp).abs().max() > 1e-3
+    assert_reference_is_the_base_and_the_policy_moved(module, pristine)
 
 
 def test_no_reference_model_without_a_kl_term():

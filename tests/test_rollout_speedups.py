@@ -8,22 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from medix.grpo.rollout import completion_logprobs, generate_completions, prompt_owners, token_logprobs
-
-
-def tiny_model(seed=0, lora=False):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=97, max_position_embeddings=128, eos_token_id=1,
-                         pad_token_id=2, bos_token_id=None)
-    model = Qwen2ForCausalLM(config).float()
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                 task_type="CAUSAL_LM", init_lora_weights=False))
-    return model
+from tiny_lm import tiny_qwen2
 
 
 def group_batch(prompts_per_step=3, group=4, prompt_len=7, completion_len=5, seed=1):
@@ -57,7 +42,7 @@ def test_token_logprobs_equal_log_softmax_and_entropy():
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_shared_prompt_logprobs_and_gradients_equal_a_plain_forward(lora):
-    model = tiny_model(lora=lora).train()
+    model = tiny_qwen2(lora=lora).train()
     input_ids, attention_mask, P = group_batch()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -92,7 +77,7 @@ class WordTokenizer:
 
 
 def test_shared_prompt_cache_samples_what_a_plain_prefill_samples():
-    model = tiny_model()
+    model = tiny_qwen2()
     prompts = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13"]
     outs = []
     for share in (True, False):
@@ -115,7 +100,7 @@ def test_completion_logprobs_equal_log_softmax_of_the_model_logits(share, lora):
     """Through the split body + chunked head (lm_head.py): the same numbers as the model's own full logits."""
     from medix.grpo.rollout import left_padded_positions
 
-    model = tiny_model(lora=lora).eval()
+    model = tiny_qwen2(lora=lora).eval()
     input_ids, attention_mask, P = group_batch()
     with torch.no_grad():
         logp, _ = completion_logprobs(model, input_ids, attention_mask, P, share_prompt=share)

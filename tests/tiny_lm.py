@@ -52,6 +52,24 @@ def tiny_model(vocab_size: int = VOCAB, seed: int = 0):
     return model
 
 
+def tiny_qwen2(seed: int = 0, lora: bool = False):
+    """A 2-layer Qwen2 (hidden 32, vocab 97, grouped KV heads), random weights from `seed`, fp32; with `lora`, a peft
+    LoRA on q/v/up projections whose B matrices start non-zero (so the adapter changes the outputs)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=97, max_position_embeddings=128, eos_token_id=1,
+                         pad_token_id=2, bos_token_id=None)
+    model = Qwen2ForCausalLM(config).float()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                 task_type="CAUSAL_LM", init_lora_weights=False))
+    return model
+
+
 def tiny_backbone(*, lora: bool, seed: int = 0, model=None) -> Backbone:
     model = model if model is not None else tiny_model(seed=seed)
     if lora:
