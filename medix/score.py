@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -10,12 +9,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from medix.config import build, register_configs
+from medix.console import quiet_third_party_logs
 from medix.data.tags import split_solution
 from medix.errors import ConfigError, DataError, MedixError
-from medix.rewards import COMPONENTS, build_reward
-from medix.rewards.composite import validate_weights
 
 USAGE = "python -m medix.score input=<completions.jsonl> output=<scores.jsonl> [judge=... reward=... ...]"
+register_configs()
 
 
 def _text_field(row: dict, field: str, line_no: int, *, required: bool) -> str | None:
@@ -29,7 +29,8 @@ def _text_field(row: dict, field: str, line_no: int, *, required: bool) -> str |
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file: completion, solution ("<TAG> answer"), id (default: line number), question."""
+    """The rows of a JSONL file: completion, solution ("<TAG> answer"), id (default: the line number), question,
+    and any other field (given to the reward components as a column of that name)."""
     if not path.is_file():
         raise ConfigError(f"input={path} does not exist; expected a JSONL file of completions")
     rows = []
@@ -50,58 +51,51 @@ def read_rows(path: Path) -> list[dict]:
         if row.get("id") is not None and not isinstance(row["id"], (str, int)):
             kind = type(row["id"]).__name__
             raise DataError(f"input line {line_no}: field 'id' is of type {kind}; expected a string")
-        rows.append({
-            "id": str(row["id"]) if row.get("id") is not None else str(line_no),
-            "completion": _text_field(row, "completion", line_no, required=True),
-            "solution": solution,
-            "question": _text_field(row, "question", line_no, required=False),
-        })
+        rows.append({**row, "id": str(row["id"]) if row.get("id") is not None else str(line_no),
+                     "completion": _text_field(row, "completion", line_no, required=True), "solution": solution,
+                     "question": _text_field(row, "question", line_no, required=False)})
     return rows
 
 
-def score_rows(rows: list[dict], reward) -> list[dict]:
-    """One output record per row, in order: id, the four components and overall (None where not scored)."""
-    batch = reward([r["completion"] for r in rows], [r["solution"] for r in rows], [r["question"] for r in rows])
-    return [{"id": row["id"], **{c: batch.components[c][i] for c in COMPONENTS}, "overall": batch.overall[i]}
-            for i, row in enumerate(rows)]
+def columns_of(rows: list[dict]) -> dict[str, list]:
+    """The per-row columns the reward components receive: questions, ids, and every other field by its name."""
+    extra = sorted({k for row in rows for k in row} - {"completion", "solution", "question", "id"})
+    columns = {"questions": [r["question"] for r in rows], "ids": [r["id"] for r in rows]}
+    columns.update({key: [r.get(key) for r in rows] for key in extra})
+    return columns
+
+
+def score_rows(rows: list[dict], reward) -> tuple[list[dict], dict[str, float]]:
+    """One output record per row, in order (id, every component and overall; None where not scored), and the
+    mean of each."""
+    from medix.rewards.statistics import reward_metrics
+
+    batch = reward([r["completion"] for r in rows], [r["solution"] for r in rows], **columns_of(rows))
+    records = [{"id": row["id"], **{c: batch.components[c][i] for c in batch.components}, "overall": batch.overall[i]}
+               for i, row in enumerate(rows)]
+    return records, {k: v for k, v in reward_metrics(batch).items() if k.endswith("/mean")}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Read cfg.input, score it, write cfg.output; returns the reward metrics and the judge stats."""
+    """Read cfg.input, score it, write cfg.output; returns the reward means and the judge statistics."""
     if not cfg.get("input") or not cfg.get("output"):
         missing = "input" if not cfg.get("input") else "output"
         raise ConfigError(f"{missing}= is required; usage: {USAGE}")
-    weights = validate_weights(cfg.reward.weights)
     rows = read_rows(Path(cfg.input))
     if not rows:
         raise DataError(f"input={cfg.input} has no rows; expected one JSON object per line with completion and solution")
-    embedder = None
-    if weights["embedding"] > 0:
-        from medix.rewards.embedding import build_embedder
-
-        embedder = build_embedder(cfg.embedder)
-    judge_context = contextlib.nullcontext(None)
-    if weights["llm_judge"] > 0:
-        from medix.judges import build_judge
-
-        judge_context = build_judge(cfg.judge, cfg.paths.cache_dir)
-    with judge_context as judge:
-        reward = build_reward(cfg.reward, judge, embedder)
-        records = score_rows(rows, reward) if rows else []
-        stats = judge.stats() if judge is not None else {}
+    with build(cfg.reward) as reward:
+        records, means = score_rows(rows, reward)
+        stats = reward.stats()
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    summary = {"rows": float(len(records))}
-    for c in ("overall", *COMPONENTS):
-        scored = [r[c] for r in records if r[c] is not None]
-        if scored:
-            summary[f"reward/{c}/mean"] = sum(scored) / len(scored)
-    return {**summary, **stats}
+    return {"rows": float(len(records)), **means, **stats}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="score")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party_logs(verbose=False)
     try:
         summary = run(cfg)
     except MedixError as err:

@@ -3,13 +3,13 @@
 from medix.data.samples import LoadReport, Sample, split_samples
 from medix.data.sources import load_report, load_samples
 
-__all__ = ["LoadReport", "PromptDataModule", "Sample", "load_report", "load_samples", "split_samples"]
+__all__ = ["LoadReport", "PromptBatch", "PromptDataModule", "Sample", "load_report", "load_samples", "split_samples"]
 
 
 def __getattr__(name: str):
-    """PromptDataModule is imported on first use, so `from medix.data import Sample` does not import Lightning."""
-    if name == "PromptDataModule":
-        from medix.data.datamodule import PromptDataModule
+    """The DataModule is imported on first use, so `from medix.data import Sample` does not import Lightning."""
+    if name in ("PromptDataModule", "PromptBatch"):
+        from medix.data import datamodule
 
-        return PromptDataModule
+        return getattr(datamodule, name)
     raise AttributeError(f"module 'medix.data' has no attribute {name!r}")

@@ -105,16 +105,17 @@ def read_hub_rows(hub_id: str, split: str, image_dir: Path):
 
 
 def load_report(dataset_cfg) -> LoadReport:
-    """Load and validate the configured dataset: hub_id set -> hub; path set -> that file; name medix_mini -> bundled."""
+    """Load and validate the configured dataset (a mapping of the dataset.* keys): hub_id set -> hub; path set -> that file; name medix_mini -> bundled."""
     on_bad_row = str(dataset_cfg.get("on_bad_row", "error"))
     name = str(dataset_cfg.get("name"))
     if dataset_cfg.get("hub_id"):
         split = dataset_cfg.get("split")
         if not split:
-            raise ConfigError(f"dataset.split is required with dataset.hub_id={dataset_cfg.hub_id!r}; e.g. train")
+            raise ConfigError(f"dataset.split is required with dataset.hub_id={dataset_cfg.get('hub_id')!r}; e.g. train")
         image_dir = Path(str(dataset_cfg.get("image_dir") or "images")).expanduser()
-        rows = read_hub_rows(str(dataset_cfg.hub_id), str(split), image_dir)
-        where, base_dir = f"dataset {dataset_cfg.hub_id}[{split}]", image_dir
+        hub_id = str(dataset_cfg.get("hub_id"))
+        rows = read_hub_rows(hub_id, str(split), image_dir)
+        where, base_dir = f"dataset {hub_id}[{split}]", image_dir
     else:
         path = dataset_cfg.get("path") or (MINI_PATH if name == "medix_mini" else None)
         if path is None:

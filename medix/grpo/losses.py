@@ -87,12 +87,18 @@ def policy_loss(
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
     max_completion_length: int | None = None,
+    denominator: float | None = None,
 ):
     """Clipped surrogate loss of the GRPO family, returns (scalar loss, metrics of detached tensors).
 
     logp, old_logp, ref_logp, mask: [B, T] (log-probs of the sampled tokens; mask 1 on completion tokens);
     advantages: [B]. Per token:  -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A) + beta*k3,
     k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, non-negative KL estimator).
+
+    The loss is a sum over this mini-batch divided by `denominator`, by default `loss_denominator(mask, aggregation)`
+    (its tokens or its rows). Data-parallel callers pass the denominator of the whole mini-batch over every rank
+    divided by the number of ranks, so the gradient average equals the single-process gradient and a rank's empty
+    padding mini-batch adds nothing.
     """
     _check_policy_args(logp, old_logp, advantages, mask, clip_low, clip_high, aggregation, importance, beta,
                        ref_logp, max_completion_length)
@@ -121,11 +127,14 @@ def policy_loss(
             per_token = per_token + beta * k3
 
     if aggregation == "sequence_mean":  # GRPO: mean over each sequence's tokens, then over sequences
-        loss = ((per_token * mask).sum(dim=1) / tokens_per_seq).mean()
+        total = ((per_token * mask).sum(dim=1) / tokens_per_seq).sum()
     elif aggregation == "token_mean":  # DAPO: every token in the batch weighs the same
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    else:  # Dr.GRPO: a constant normaliser, so length does not rescale a sequence's gradient
-        loss = (per_token * mask).sum() / (logp.shape[0] * max_completion_length)
+        total = (per_token * mask).sum()
+    else:  # Dr.GRPO: a constant normaliser (rows x max length), so length does not rescale a sequence's gradient
+        total = (per_token * mask).sum() / max_completion_length
+    if denominator is None:
+        denominator = loss_denominator(mask, aggregation)
+    loss = total / (denominator if denominator > 0 else 1.0)
 
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1)
@@ -144,6 +153,14 @@ def policy_loss(
             "ratio/mean": token_mean(ratio),
         }
     return loss, metrics
+
+
+def loss_denominator(mask: torch.Tensor, aggregation: str) -> float:
+    """What `policy_loss` divides its sum by: the completion tokens (token_mean) or the rows (sequence_mean and
+    constant, whose sum already holds each row's mean or its tokens / max length)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    return float(mask.sum()) if aggregation == "token_mean" else float(mask.shape[0])
 
 
 def _describe(x) -> str:

@@ -5,7 +5,7 @@ every completion of every group, so those rewards have no within-group variance 
 (`experiments/learning_curve/`: SmolLM2-135M wrote the form in 0 of 54 samples). A few teacher-forced steps on the
 training questions' own `<TAG> answer` references, wrapped in the form, give the policy a foothold that RL can then
 reinforce. The reasoning text is one fixed sentence (`warm_start.thinking`): the warm start teaches the form, not
-medicine. Off by default (`warm_start.steps: 0`).
+medicine. Off by default (`callbacks.warm_start.steps: 0`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from medix.data.prompts import render_prompt
 from medix.data.samples import Sample
@@ -48,38 +49,53 @@ def supervised_batch(samples: list[Sample], tokenizer, reasoning_tag: str, think
     }
 
 
-def check_warm_start_config(cfg) -> None:
-    for key in ("steps", "batch_size"):
-        value = cfg.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "steps" else 1):
-            raise ConfigError(f"warm_start.{key}={value!r}; expected an integer >= {0 if key == 'steps' else 1}")
-    if not isinstance(cfg.get("lr"), (int, float)) or cfg.lr <= 0:
-        raise ConfigError(f"warm_start.lr={cfg.get('lr')!r}; expected a positive number")
-    if not isinstance(cfg.get("thinking"), str) or not cfg.thinking.strip():
-        raise ConfigError("warm_start.thinking is empty; expected the sentence written inside the reasoning tags")
+class WarmStart(Callback):
+    """`callbacks.warm_start`: the supervised steps at the start of training (not when resuming: the checkpoint
+    holds the warmed weights)."""
+
+    def __init__(self, *, steps: int = 0, lr: float = 1e-4, batch_size: int = 4, thinking: str = "",
+                 reasoning_tag: str = "thinking", seed: int = 0):
+        for key, value, least in (("steps", steps, 0), ("batch_size", batch_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"callbacks.warm_start.{key}={value!r}; expected an integer >= {least}")
+        if not lr > 0:
+            raise ConfigError(f"callbacks.warm_start.lr={lr!r}; expected a positive number")
+        if steps and not thinking.strip():
+            raise ConfigError("callbacks.warm_start.thinking is empty; expected the sentence written inside the "
+                              "reasoning tags")
+        self.steps, self.lr, self.batch_size, self.thinking = steps, lr, batch_size, thinking
+        self.reasoning_tag, self.seed = reasoning_tag, seed
+        self.losses: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):
+        if self.steps == 0 or trainer.ckpt_path is not None:
+            return
+        log_metrics = trainer.logger.log_metrics if trainer.logger is not None and trainer.is_global_zero else None
+        self.losses = warm_start(pl_module.backbone, trainer.datamodule.train, steps=self.steps, lr=self.lr,
+                                 batch_size=self.batch_size, thinking=self.thinking, reasoning_tag=self.reasoning_tag,
+                                 seed=self.seed, log_metrics=log_metrics)
 
 
-def warm_start(backbone, samples: list[Sample], cfg, *, reasoning_tag: str, seed: int,
-               log_metrics: Callable[[dict, int], None] | None = None) -> list[float]:
-    """`cfg.steps` AdamW steps (lr `cfg.lr`, `cfg.batch_size` samples drawn with a seeded RNG) of next-token loss on
-    the demonstrations; updates the trainable parameters (the LoRA adapter, or all weights) in place. Returns the
-    loss of each step and logs it as `warm_start/loss`."""
-    check_warm_start_config(cfg)
-    if cfg.steps == 0:
+def warm_start(backbone, samples: list[Sample], *, steps: int, lr: float, batch_size: int, thinking: str,
+               reasoning_tag: str, seed: int, log_metrics: Callable[[dict, int], None] | None = None) -> list[float]:
+    """`steps` AdamW steps (`lr`, `batch_size` samples drawn with a seeded RNG) of next-token loss on the
+    demonstrations; updates the trainable parameters (the LoRA adapter, or all weights) in place. Returns the loss
+    of each step and logs it as `warm_start/loss`."""
+    if steps == 0:
         return []
     if backbone.is_vlm:
-        raise ConfigError("warm_start.steps > 0 supports text-only backbones; set warm_start.steps=0 for a VLM")
+        raise ConfigError("callbacks.warm_start.steps > 0 supports text-only backbones; set it to 0 for a VLM")
     model, tokenizer = backbone.model, backbone.tokenizer
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.train()
     losses = []
-    for step in range(1, cfg.steps + 1):
-        batch = supervised_batch(rng.sample(samples, min(cfg.batch_size, len(samples))), tokenizer, reasoning_tag,
-                                 cfg.thinking)
+    for step in range(1, steps + 1):
+        batch = supervised_batch(rng.sample(samples, min(batch_size, len(samples))), tokenizer, reasoning_tag,
+                                 thinking)
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

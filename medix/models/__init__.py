@@ -1,5 +1,5 @@
-"""Policy backbones: loading, GGUF conversion, LoRA."""
+"""Policy backbones: loading (hub, folder, GGUF package), LoRA, and each model family's input layout."""
 
-from medix.models.backbone import Backbone, load_adapter, load_backbone
+from medix.models.base import Backbone, Encoded
 
-__all__ = ["Backbone", "load_backbone", "load_adapter"]
+__all__ = ["Backbone", "Encoded"]

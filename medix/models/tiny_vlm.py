@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
 from medix.errors import ConfigError, MedixError
+from medix.models.base import Backbone, Encoded, load_trained_weights
+from medix.models.loading import apply_lora, model_folder, torch_dtype
 
 IMAGE_TOKEN = "<|image|>"  # one marker per image in the chat text; the processor repeats it tokens_per_image times
 VISION_FILE = "vision_tower.safetensors"
@@ -249,9 +250,6 @@ class TinyVLM(nn.Module):
     def load_trained(self, directory: str | Path) -> "TinyVLM":
         """Load what save_pretrained wrote (LoRA adapter or full LM, and the vision tower) into this model."""
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-
-        from medix.models.backbone import load_adapter
 
         directory = Path(directory)
         if not (directory / VISION_FILE).is_file():
@@ -260,11 +258,8 @@ class TinyVLM(nn.Module):
         if saved != self.vision_tower.shape:
             raise ConfigError(f"adapter {str(directory)!r} holds a vision tower shaped {saved} but backbone.vision "
                               f"asks for {self.vision_tower.shape}; set backbone.vision to match")
-        if (directory / "adapter_config.json").is_file():
-            self.language_model = load_adapter(self.language_model, directory)
-        elif (directory / "config.json").is_file():
-            dtype = self.language_model.get_input_embeddings().weight.dtype
-            self.language_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        if (directory / "adapter_config.json").is_file() or (directory / "config.json").is_file():
+            self.language_model = load_trained_weights(self.language_model, directory)
         if hasattr(self.language_model, "peft_config") and self.reference_vision is None:
             self.reference_vision = copy.deepcopy(self.vision_tower).requires_grad_(False)
         trainable = any(p.requires_grad for p in self.vision_tower.parameters())
@@ -289,44 +284,71 @@ def build_vision_tower(vision_cfg, hidden_size: int, embedding_std: float) -> Ti
                                out_std=embedding_std)
 
 
-def language_model_cfg(cfg):
-    """The text model's own backbone cfg, so its converted folder under cache/models is shared with that backbone."""
-    return OmegaConf.create({"name": cfg.language_model, "source": cfg.source, "model": cfg.model,
-                             "gguf": OmegaConf.to_container(cfg.gguf) if cfg.gguf is not None else None})
+class TinyVLMBackbone(Backbone):
+    """tiny_vlm's row layout: each row's images as a [n, 3, S, S] tensor; batches zero-pad to the most images."""
+
+    is_vlm = True
+
+    def encode(self, prompts: list[str], images: list[list] | None = None) -> Encoded:
+        enc = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        row_images = None
+        if "pixel_values" in enc:
+            counts = [len(row) for row in images]
+            row_images = [enc["pixel_values"][i, :count] if count else None for i, count in enumerate(counts)]
+        return Encoded(enc["input_ids"], enc["attention_mask"], {}, row_images)
+
+    def image_inputs(self, row_images):
+        present = [r for r in (row_images or []) if r is not None]
+        if not present:
+            return {}
+        most = max(r.shape[0] for r in present)
+        template = present[0]
+        pixels = template.new_zeros(len(row_images), most, *template.shape[1:])
+        for i, row in enumerate(row_images):
+            if row is not None:
+                pixels[i, :row.shape[0]] = row
+        return {"pixel_values": pixels}
+
+    def save_trained(self, folder, state_dict=None):
+        folder = Path(folder)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(str(folder))
+        return folder
+
+    def load_trained(self, folder) -> None:
+        self.model.load_trained(folder)
 
 
-def load_tiny_vlm(cfg, cache_dir: str | Path):
-    """Build `backbone=tiny_vlm`: SmolLM2 + the seeded vision tower, the processor, LoRA and a saved adapter."""
+def load_tiny_vlm(*, name: str, source: str, model: str, gguf=None, language_model: str = "smollm2_135m",
+                  dtype: str = "float32", gradient_checkpointing: bool = False, adapter: str | None = None,
+                  lora=None, train_vision_tower: bool = True, vision, cache_dir: str) -> TinyVLMBackbone:
+    """`backbone=tiny_vlm`: SmolLM2 + the seeded vision tower, the processor, LoRA and a saved adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medix.models.backbone import DTYPES, Backbone, apply_lora, resolve_model_path
-
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"backbone.dtype={cfg.dtype!r}; expected one of {sorted(DTYPES)}")
-    path = resolve_model_path(language_model_cfg(cfg), cache_dir)
+    # The text model's own cache folder name, so its converted folder under cache/models is shared with that backbone.
+    path = model_folder(name=language_model, source=source, model=model, gguf=gguf, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     embedding_rows = lm.get_input_embeddings().weight.shape[0]
     embedding_std = float(lm.get_input_embeddings().weight.detach().float().std())
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():  # deterministic; the row is never used (replaced on input, masked on output)
         lm.get_input_embeddings().weight[embedding_rows:] = 0.0
-    tower = build_vision_tower(cfg.vision, lm.config.hidden_size, embedding_std).to(DTYPES[cfg.dtype])
-    tower.requires_grad_(bool(cfg.train_vision_tower))
-    tokens_per_image = (int(cfg.vision.image_size) // int(cfg.vision.patch_size)) ** 2
-    if cfg.lora.enabled:
-        lm = apply_lora(lm, cfg.lora)
-    model = TinyVLM(lm, tower, image_token_id, tokens_per_image)
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    if cfg.lora.enabled:
-        model.reference_vision = copy.deepcopy(tower).requires_grad_(False)
-    if cfg.get("adapter"):
-        model.load_trained(cfg.adapter)
-    processor = TinyVLMProcessor(tokenizer, TinyImageProcessor(int(cfg.vision.image_size)), tokens_per_image)
-    return Backbone(model=model, tokenizer=tokenizer, processor=processor, is_vlm=True, name=cfg.name)
+    tower = build_vision_tower(vision, lm.config.hidden_size, embedding_std).to(torch_dtype(dtype))
+    tower.requires_grad_(bool(train_vision_tower))
+    tokens_per_image = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    lora_on = lora is not None and lora.enabled
+    if lora_on:
+        lm = apply_lora(lm, lora)
+    network = TinyVLM(lm, tower, image_token_id, tokens_per_image)
+    if gradient_checkpointing:
+        network.activation_checkpointing_enable()
+    if lora_on:
+        network.reference_vision = copy.deepcopy(tower).requires_grad_(False)
+    processor = TinyVLMProcessor(tokenizer, TinyImageProcessor(int(vision.image_size)), tokens_per_image)
+    backbone = TinyVLMBackbone(network, tokenizer, name, processor)
+    if adapter:
+        backbone.load_trained(adapter)
+    return backbone

@@ -1,5 +1,5 @@
-"""The MediX-R1 composite reward: format, modality, embedding similarity and LLM-judge components."""
+"""The MediX-R1 composite reward: format, modality, embedding similarity and LLM-judge components (and yours)."""
 
-from medix.rewards.composite import COMPONENTS, CompositeReward, RewardBatch, build_reward
+from medix.rewards.composite import PAPER_COMPONENTS, CompositeReward, RewardBatch
 
-__all__ = ["COMPONENTS", "CompositeReward", "RewardBatch", "build_reward"]
+__all__ = ["PAPER_COMPONENTS", "CompositeReward", "RewardBatch"]

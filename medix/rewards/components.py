@@ -1,11 +1,18 @@
-"""The rule-based reward components (format, modality) and the answer guards shared by judge and embedding."""
+"""The rule-based reward components (format, modality) and the answer guards shared by judge and embedding.
+
+Every reward component has one contract (TRL's): `fn(completions, solutions, **columns) -> list[float | None]`, one
+value per completion (None = not scored, left out of the group baseline); `solutions` are `"<TAG> answer"`; columns
+are extra per-completion lists by name (`questions`, `ids`, or any JSONL field given to medix.score).
+"""
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
 
-from medix.rewards.parsing import normalize_completion
+from medix.data.tags import split_solution
+from medix.errors import DataError
+from medix.rewards.parsing import extract_answer, normalize_completion
 
 INVALID_ANSWER_MARKERS = ("__", ":", "?")
 
@@ -34,6 +41,29 @@ def modality_reward(completion: str, solution_tag: str, reasoning_tag: str = "th
     return 1.0 if normalized[:start].strip().upper() == solution_tag.upper() else 0.0
 
 
+def format_rewards(completions: list[str], solutions: list[str], *, reasoning_tag: str = "thinking",
+                   **columns) -> list[float]:
+    """The format component: `format_reward` of each completion."""
+    return [format_reward(c, reasoning_tag) for c in completions]
+
+
+def modality_rewards(completions: list[str], solutions: list[str], *, reasoning_tag: str = "thinking",
+                     **columns) -> list[float]:
+    """The modality component: does each completion open with its solution's modality tag?"""
+    return [modality_reward(c, tag, reasoning_tag) for c, (tag, _) in zip(completions, split_solutions(solutions))]
+
+
+def split_solutions(solutions: list[str]) -> list[tuple[str, str]]:
+    """('<TAG>', answer) of every solution; DataError naming the first one without a tag."""
+    out = []
+    for index, solution in enumerate(solutions):
+        try:
+            out.append(split_solution(solution))
+        except ValueError as err:
+            raise DataError(f"reward input {index}: {err}") from err
+    return out
+
+
 def is_invalid_answer(answer: str) -> bool:
     """An empty or one-character answer, or one containing `__`, `:` or `?`, is garbage and scores 0."""
     return len(answer) <= 1 or any(marker in answer for marker in INVALID_ANSWER_MARKERS)
@@ -46,3 +76,12 @@ def answer_shortcut(prediction: str, reference: str) -> float | None:
     if prediction == reference:
         return 1.0
     return None
+
+
+def answers_to_score(completions: list[str], solutions: list[str]):
+    """For the model-scored components: (predicted answers, reference answers, scores decided without a model,
+    the rows that still need the model)."""
+    predictions = [extract_answer(c) for c in completions]
+    references = [answer for _, answer in split_solutions(solutions)]
+    shortcuts = [answer_shortcut(p, r) for p, r in zip(predictions, references)]
+    return predictions, references, shortcuts, [i for i, s in enumerate(shortcuts) if s is None]

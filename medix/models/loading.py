@@ -1,0 +1,57 @@
+"""What every backbone loader shares: where the weights come from, the dtype, LoRA, activation checkpointing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medix.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SOURCES = ("gguf_package", "hub", "local")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"backbone.dtype={name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_folder(*, name: str, source: str, model: str, gguf, cache_dir: str | Path) -> str:
+    """Where transformers loads the weights from: a hub id, a local folder, or a GGUF converted once to a folder."""
+    if source == "gguf_package":
+        from medix.models.gguf import gguf_model_folder
+
+        if gguf is None:
+            raise ConfigError("backbone.source=gguf_package needs backbone.gguf.package and backbone.gguf.file")
+        return str(gguf_model_folder(gguf.package, gguf.file, name, cache_dir))
+    if source == "local" and not Path(model).exists():
+        raise ConfigError(f"backbone.model={model!r}: no such folder")
+    if source not in SOURCES:
+        raise ConfigError(f"backbone.source={source!r}; expected one of {', '.join(SOURCES)}")
+    return model
+
+
+def apply_lora(model, lora):
+    """Wrap `model` with a peft LoRA adapter per `backbone.lora` (r, alpha, dropout, target_modules)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def enable_activation_checkpointing(model) -> None:
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+
+
+def freeze_vision_tower(model) -> int:
+    """Freeze the vision encoder's parameters (names containing 'visual' or 'vision'); returns how many."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if "visual" in name or "vision" in name:
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen

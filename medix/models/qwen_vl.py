@@ -1,0 +1,72 @@
+"""Qwen2.5-VL / Qwen3-VL policies: the processor flattens every image's patches into one tensor with one grid row
+per image; this backbone keeps each row's patches and grids apart so rows can be selected and joined freely."""
+
+from __future__ import annotations
+
+import torch
+
+from medix.errors import MedixError
+from medix.models.base import Backbone, Encoded
+from medix.models.loading import (apply_lora, enable_activation_checkpointing, freeze_vision_tower, model_folder,
+                                  torch_dtype)
+
+# Processor outputs aligned with input_ids ([rows, sequence]): Qwen-VL's mm_token_type_ids (M-RoPE needs them).
+SEQUENCE_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+def split_images(pixel_values: torch.Tensor, grid: torch.Tensor, counts: list[int]):
+    """Flattened patches + one grid row per image -> per row (patches, grid rows) or None, `counts` images per row."""
+    if sum(counts) != grid.shape[0]:
+        raise ValueError(f"image counts {counts} add up to {sum(counts)} but image_grid_thw holds {grid.shape[0]} images")
+    patch_end = [0] + grid.prod(dim=1).cumsum(0).tolist()
+    if patch_end[-1] != pixel_values.shape[0]:
+        raise ValueError(f"image_grid_thw describes {patch_end[-1]} patches but pixel_values holds {pixel_values.shape[0]}")
+    rows, image = [], 0
+    for count in counts:
+        rows.append((pixel_values[patch_end[image]:patch_end[image + count]], grid[image:image + count])
+                    if count else None)
+        image += count
+    return rows
+
+
+class QwenVL(Backbone):
+    is_vlm = True
+
+    def encode(self, prompts: list[str], images: list[list] | None = None) -> Encoded:
+        counts = [len(row) for row in images] if images is not None else [0] * len(prompts)
+        if len(counts) != len(prompts):
+            raise ValueError(f"{len(counts)} image lists for {len(prompts)} prompts; need one (maybe empty) per prompt")
+        flat = [image for row in (images or []) for image in row]
+        enc = self.processor(text=prompts, images=flat or None, return_tensors="pt", padding=True)
+        row_images = split_images(enc["pixel_values"], enc["image_grid_thw"], counts) if flat else None
+        sequence = {k: enc[k] for k in SEQUENCE_KEYS if k in enc}
+        return Encoded(enc["input_ids"], enc["attention_mask"], sequence, row_images)
+
+    def image_inputs(self, row_images):
+        present = [r for r in (row_images or []) if r is not None]
+        if not present:
+            return {}
+        return {"pixel_values": torch.cat([p for p, _ in present]), "image_grid_thw": torch.cat([g for _, g in present])}
+
+
+def load_qwen_vl(*, name: str, source: str, model: str, gguf=None, dtype: str = "bfloat16",
+                 gradient_checkpointing: bool = True, adapter: str | None = None, lora=None,
+                 train_vision_tower: bool = True, cache_dir: str) -> QwenVL:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = model_folder(name=name, source=source, model=model, gguf=gguf, cache_dir=cache_dir)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        network = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype))
+    except (OSError, ImportError) as exc:
+        raise MedixError(f"backbone.model={path!r} could not be loaded ({exc.__class__.__name__}: {exc})") from exc
+    if not train_vision_tower:
+        freeze_vision_tower(network)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(network)
+    if lora is not None and lora.enabled:
+        network = apply_lora(network, lora)
+    backbone = QwenVL(network, processor.tokenizer, name, processor)
+    if adapter:
+        backbone.load_trained(adapter)
+    return backbone

@@ -1,0 +1,79 @@
+"""Rollouts from Hugging Face `generate` inside the training process (small machines, the CPU default)."""
+
+from __future__ import annotations
+
+import torch
+
+from medix.rollout.base import Rollout, Sampling, can_share_prompt, completion_mask_from_ids, left_padded_positions
+
+
+class HFEngine:
+    """Samples `group_size` completions per prompt with one batched `generate` call on the policy itself, so there
+    is nothing to sync. share_prompt_cache: each distinct prompt is prefilled once and its KV cache copied to the
+    group's rows (text-only decoder models with the default dynamic cache)."""
+
+    def __init__(self, share_prompt_cache: bool = True, cache_implementation: str | None = None):
+        self.share_prompt_cache = share_prompt_cache
+        self.cache_implementation = cache_implementation
+
+    @torch.no_grad()
+    def generate(self, policy, prompts: list[str], images: list[list] | None = None, *, group_size: int,
+                 sampling: Sampling) -> Rollout:
+        model, tokenizer = policy.model, policy.tokenizer
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        enc = policy.encode(prompts, images)
+        ids = enc.input_ids.to(device).repeat_interleave(group_size, dim=0)
+        mask = enc.attention_mask.to(device).repeat_interleave(group_size, dim=0)
+        sequence = {k: v.to(device).repeat_interleave(group_size, dim=0) for k, v in enc.sequence_inputs.items()}
+        row_images = None if enc.row_images is None else [r for r in enc.row_images for _ in range(group_size)]
+        inputs = {**sequence, **{k: v.to(device) for k, v in policy.image_inputs(row_images).items()}}
+        synced_gpus = is_sharded(model)  # FSDP: every rank runs the decoding loop until all ranks are done
+        extra = {}
+        if (self.share_prompt_cache and group_size > 1 and self.cache_implementation is None and not inputs
+                and not synced_gpus and can_share_prompt(model) and enc.input_ids.shape[1] > 1):
+            cache = prompt_cache(model, enc.input_ids[:, :-1].to(device), enc.attention_mask[:, :-1].to(device))
+            cache.reorder_cache(torch.arange(len(prompts), device=device).repeat_interleave(group_size))
+            extra["past_key_values"] = cache  # generate feeds only the last prompt token, then samples
+        eos = policy.eos_token_ids
+        output = model.generate(
+            input_ids=ids, attention_mask=mask, **inputs, **extra,
+            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=0,  # the full distribution, whatever generation_config says: what the policy-gradient log-probs assume
+            max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, cache_implementation=self.cache_implementation,
+            synced_gpus=synced_gpus,
+        )
+        model.train(was_training)
+        completion = output[:, ids.shape[1]:]
+        completion_mask, truncated = completion_mask_from_ids(completion, eos)
+        completion = completion.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        T = completion.shape[1]
+        return Rollout(
+            input_ids=torch.cat([ids, completion], dim=1), attention_mask=torch.cat([mask, completion_mask], dim=1),
+            completion_mask=completion_mask, prompt_length=ids.shape[1], texts=texts, truncated=truncated,
+            sequence_inputs={k: torch.nn.functional.pad(v, (0, T)) for k, v in sequence.items()},
+            row_images=row_images,
+        )
+
+    def sync(self, policy) -> dict[str, float]:
+        return {}  # generates with the policy's own weights
+
+    def close(self) -> None:
+        pass
+
+
+def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The KV cache of `input_ids` (one row per distinct prompt); logits only for the last position."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),
+                use_cache=True, logits_to_keep=1)
+    return out.past_key_values
+
+
+def is_sharded(model) -> bool:
+    """Parameters sharded over ranks with FSDP2 (`fully_shard`), so every forward is a collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.distributed.is_initialized() and any(isinstance(m, FSDPModule) for m in model.modules())
