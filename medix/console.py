@@ -13,6 +13,7 @@ def quiet_third_party_logs(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("httpx", "httpx2", "openai", "sentence_transformers", "lightning.pytorch", "lightning.fabric",
                  "transformers", "peft", "urllib3", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -20,6 +21,8 @@ def quiet_third_party_logs(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # HF loads models in eval mode
+    # validation statistics are computed over every rank (torchmetrics) before they are logged
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
     try:
         from transformers.utils import logging as hf_logging
 

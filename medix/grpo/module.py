@@ -209,6 +209,7 @@ class GRPOModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices):  # validation never shifts the training run's sampling
             scored = self.score(batch, group_size=1)
         self.val_rewards.update(scored.rewards, rows=[i for i, counted in enumerate(batch.counted) if counted])
+        return {"scored": scored}
 
     def on_validation_epoch_start(self):
         self.timings["validation_start"] = time.perf_counter()

@@ -42,10 +42,30 @@ def redact_value(value: Any) -> Any:
     return URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
 
 
+NODE_REFERENCE = re.compile(r"^\$\{[\w.]+\}$")
+
+
+def config_tree(cfg: DictConfig) -> dict:
+    """The config as plain data with every interpolation resolved, except a key whose whole value refers to another
+    config node (the reward's `judge: ${judge}`), which keeps the reference: that node is recorded where it lives."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def keep_references(raw, tree):
+        items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+        for key, value in items:
+            if isinstance(value, str) and NODE_REFERENCE.match(value) and isinstance(tree[key], (dict, list)):
+                tree[key] = value
+            else:
+                keep_references(value, tree[key])
+
+    keep_references(OmegaConf.to_container(cfg, resolve=False), resolved)
+    return resolved
+
+
 def redact(cfg: Any) -> Any:
     """A plain copy of the config with every secret-looking key's value replaced (resolves interpolations)."""
     if isinstance(cfg, (DictConfig, ListConfig)):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = config_tree(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_container(cfg, resolve=True)
     if isinstance(cfg, dict):
         return {k: (REDACTED if is_secret_key(str(k)) and v not in (None, "") else redact(v)) for k, v in cfg.items()}
     if isinstance(cfg, list):

@@ -1,0 +1,68 @@
+"""Plugins that tests add to a real `python -m medix.run` by config, the way a user adds their own:
+
+- `StepRecorder`: `+callbacks.record._target_=run_probes.StepRecorder +callbacks.record.dirpath=<dir>` writes, per
+  rank, `rank<R>.jsonl` (one line per GRPO step and per validation batch: the prompt ids, the overall rewards, the
+  step's reward statistics and the metrics Lightning holds after the step; a `start` line when a step begins) and
+  `rank<R>.pt` (the trainable weights
+  at the start and at the end of training).
+- `zero_for_ids`: a reward component (`+reward.components.<name>._target_=run_probes.zero_for_ids`) that scores 0
+  for the given prompt ids and 1 + completion length / 100 otherwise, so that DAPO's filter with a minimum mean
+  between the two (e.g. 0.6) drops exactly the groups of those prompts.
+
+Importable once tests/ is on PYTHONPATH (the tests set it for the subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+class StepRecorder(Callback):
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self.weights: dict[str, dict] = {}
+
+    def write(self, trainer, record: dict) -> None:
+        with open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a") as out:
+            out.write(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size, **record}) + "\n")
+
+    def on_train_start(self, trainer, pl_module):
+        self.weights["start"] = trainable(pl_module.model)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """Written once the previous step is fully recorded (its metrics are in the logger by now)."""
+        self.write(trainer, {"phase": "start", "step": pl_module.grpo_step + 1})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        scored = outputs["scored"]
+        self.write(trainer, {
+            "phase": "train", "step": pl_module.grpo_step, "batch_ids": [s.id for s in batch.samples],
+            "trained_ids": [s.id for s in scored.prompts.samples], "overall": scored.rewards.overall,
+            "rewards": outputs["metrics"],
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("val/")}})
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.write(trainer, {"phase": "val", "step": pl_module.grpo_step, "batch_ids": [s.id for s in batch.samples],
+                             "counted": batch.counted, "overall": outputs["scored"].rewards.overall})
+
+    def on_validation_end(self, trainer, pl_module):
+        self.write(trainer, {"phase": "val_end", "step": pl_module.grpo_step,
+                             "logged": {k: float(v) for k, v in trainer.callback_metrics.items()
+                                        if k.startswith("val/")}})
+
+    def on_train_end(self, trainer, pl_module):
+        self.weights["end"] = trainable(pl_module.model)
+        torch.save(self.weights, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+def zero_for_ids(completions, solutions, *, ids, zero_ids=(), **columns) -> list[float]:
+    return [0.0 if i in set(zero_ids) else 1.0 + min(len(c), 100) / 100.0 for c, i in zip(completions, ids)]
