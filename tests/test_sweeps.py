@@ -179,3 +179,34 @@ def test_system_metrics_are_logged_into_a_run(tmp_path):
     assert len(history) >= 2 and [m.step for m in history] == list(range(len(history)))
     with system_metrics(run.info.run_id, uri, enabled=False) as monitor:
         assert monitor is None
+
+
+def test_a_submitit_sweep_lands_one_finished_mlflow_run_per_job(tmp_path):
+    """hydra/launcher=submitit_local: each sweep job is a submitit job (here a local process; on a cluster,
+    hydra/launcher=slurm) running one medix training run."""
+    out = run_sweep(["-m", "hydra/launcher=submitit_local", "experiment=smoke", "trainer.max_steps=1",
+                     "reward=embed_only", "reward.weights.format=0.1,0.2", "logger.experiment_name=submitit_sweep"],
+                    tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    runs = runs_of(tmp_path)
+    assert list(runs.status) == ["FINISHED", "FINISHED"]
+    assert [float(v) for v in runs["params.reward.weights.format"]] == [0.1, 0.2]
+    assert set(runs["tags.sweep_id"]) == {str(tmp_path / "multirun")}
+    assert (tmp_path / "multirun" / ".submitit").is_dir()  # submitit's own job folders
+    client = mlflow.MlflowClient()
+    assert all(len(client.get_metric_history(r, "reward/overall/mean")) == 1 for r in runs.run_id)
+
+
+def test_the_slurm_launcher_sizes_each_job_from_the_trainer_config():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from medix.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "experiment=paper_8b_dapo", "trainer.num_nodes=2",
+                                           "paths.output_dir=/tmp/x"], return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 8, 8)

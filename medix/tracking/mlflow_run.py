@@ -4,8 +4,10 @@ resolved config, and crash records."""
 from __future__ import annotations
 
 import math
+import fcntl
 import subprocess
 import traceback
+from contextlib import contextmanager
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,8 +28,9 @@ class ResumableMLFlowLogger(MLFlowLogger):
 
     def __init__(self, *, experiment_name: str, tracking_uri: str, run_name: str | None = None,
                  tags: dict | None = None, run_id: str | None = None):
-        super().__init__(experiment_name=experiment_name, tracking_uri=tracking_uri, run_name=run_name, tags=tags,
-                         run_id=run_id)
+        with sqlite_store_lock(tracking_uri):  # sweep jobs starting together would race to create its tables
+            super().__init__(experiment_name=experiment_name, tracking_uri=tracking_uri, run_name=run_name, tags=tags,
+                             run_id=run_id)
         self._logged_until: dict[str, int] | None = None if run_id else {}
 
     @property
@@ -35,9 +38,14 @@ class ResumableMLFlowLogger(MLFlowLogger):
         if not self._initialized and self._run_id is None:
             from mlflow import MlflowClient
 
+            from mlflow.exceptions import MlflowException
+
             client = MlflowClient(self._tracking_uri)
             if client.get_experiment_by_name(self._experiment_name) is None:
-                client.create_experiment(self._experiment_name, tags=dict([EXPERIMENT_KIND]))
+                try:
+                    client.create_experiment(self._experiment_name, tags=dict([EXPERIMENT_KIND]))
+                except MlflowException:  # another sweep job created it in the meantime
+                    pass
         return super().experiment
 
     def logged_until(self, key: str) -> int:
@@ -62,6 +70,22 @@ class ResumableMLFlowLogger(MLFlowLogger):
         items = [Param(k, str(v)[:500]) for k, v in dict(params).items()]
         for start in range(0, len(items), 100):
             self.experiment.log_batch(run_id=self.run_id, params=items[start:start + 100])
+
+
+@contextmanager
+def sqlite_store_lock(tracking_uri: str):
+    """Hold an exclusive lock beside a `sqlite:///` store while MLflow opens (and perhaps creates) it."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:
