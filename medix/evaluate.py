@@ -9,7 +9,10 @@ import sys
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from medix.config import register_configs
 from medix.errors import ConfigError, MedixError
+
+register_configs()  # the typed schemas of conf/ (judge: medix.judges.config), before @hydra.main composes
 
 
 def compare(cfg: DictConfig) -> str:

@@ -9,9 +9,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fake_openai import FakeOpenAIServer
+from medix.config import register_configs
 from medix.eval.generation import BackboneGenerator
 from medix.eval.items import BenchmarkItem
 from medix.eval.runner import build_generator, run_evaluation
+
+register_configs()  # the schemas conf/'s groups start with, as the entry points register them
 
 CACHE_DIR = os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache" / "medix"))
 ITEMS = [BenchmarkItem("b1", "t", "Which organ makes insulin?", "pancreas"),

@@ -6,10 +6,13 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
+from medix.config import register_configs
 from medix.errors import ConfigError, DataError
 from medix.eval.hub import hub_record, row_selected
 from medix.eval.items import read_jsonl_records, to_item
 from medix.eval.tasks import load_task, local_task_name, task_specs
+
+register_configs()  # the schemas conf/'s groups start with, as the entry points register them
 
 PAPER_TEXT = ["mmlu_anatomy", "mmlu_clinical_knowledge", "mmlu_college_biology", "mmlu_college_medicine",
               "mmlu_medical_genetics", "mmlu_professional_medicine", "medmcqa", "medqa", "usmle_sa", "pubmedqa",

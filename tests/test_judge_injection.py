@@ -12,9 +12,10 @@ import openai
 import pytest
 
 from fake_openai import FakeOpenAIServer
-from medix.judges import JudgeItem, build_judge
+from medix.judges import JudgeItem, OpenAIJudge
 from medix.judges.prompts import DEFAULT_TEMPLATE, TRUNCATION_MARK, parse_verdict, render_judge_prompt
-from medix.rewards import build_reward
+from medix.rewards import CompositeReward
+from medix.rewards.judge_reward import JudgeReward
 
 CASES = [json.loads(line) for line in (Path(__file__).parent / "injection_cases.jsonl").read_text().splitlines()]
 MAX_CHARS = 2000  # conf/judge/qwen.yaml: judge.max_prediction_chars
@@ -149,19 +150,18 @@ def ask_naive(server: FakeOpenAIServer, case: dict) -> str:
     return reply.choices[0].message.content
 
 
-def judge_cfg(url: str, parser: str) -> dict:
-    return {"kind": "openai", "model": "fake-judge", "base_url": url, "parser": parser, "max_retries": 0,
-            "max_prediction_chars": MAX_CHARS, "on_failure": "exclude", "max_failure_rate": 1.0,
-            "cache": {"enabled": False}}
+def judge_for(url: str, parser: str) -> OpenAIJudge:
+    return OpenAIJudge(model="fake-judge", base_url=url, parser=parser, max_retries=0, max_prediction_chars=MAX_CHARS,
+                       on_failure="exclude", max_failure_rate=1.0)
 
 
 def test_gullible_judge_is_fooled_without_defences_and_never_with_them(tmp_path):
     items = [JudgeItem(c["question"], c["prediction"], c["reference"]) for c in CASES]
     with FakeOpenAIServer(gullible_handler) as server:
         fooled_before = {c["id"] for c in CASES if parse_verdict(ask_naive(server, c), "contains") == 1.0}
-        with build_judge(judge_cfg(server.base_url, "strict"), tmp_path) as judge:
+        with judge_for(server.base_url, "strict") as judge:
             strict_scores = judge.score(items)
-        with build_judge(judge_cfg(server.base_url, "contains"), tmp_path) as judge:
+        with judge_for(server.base_url, "contains") as judge:
             contains_scores = judge.score(items)
         sane = gullible_handler({"messages": [{"content": render_judge_prompt("Pneumothorax", "pneumothorax")}]})
     assert sane == "YES"  # the fake is a working judge, not a constant NO
@@ -176,8 +176,7 @@ def test_reward_path_gives_no_judge_credit_to_any_case(tmp_path):
     """Through CompositeReward: completions carrying each attack in their <answer> get llm_judge 0 (never 1)."""
     completions = [f"<X_RAY><thinking>Looking at the image.</thinking><answer>{c['prediction']}</answer>" for c in CASES]
     solutions = [f"<X_RAY> {c['reference']}" for c in CASES]
-    weights = {"llm_judge": 1.0, "embedding": 0.0, "modality": 0.0, "format": 0.0}
     with FakeOpenAIServer(gullible_handler) as server:
-        with build_judge(judge_cfg(server.base_url, "strict"), tmp_path) as judge:
-            batch = build_reward({"weights": weights}, judge)(completions, solutions)
+        with judge_for(server.base_url, "strict") as judge:
+            batch = CompositeReward({"llm_judge": 1.0}, {"llm_judge": JudgeReward(judge)})(completions, solutions)
     assert batch.components["llm_judge"] == [0.0] * len(CASES)

@@ -1,7 +1,6 @@
 """Pure parts of the judge: prompt rendering, reply parsers, logprob scoring, the rule judge."""
 
 import math
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,6 @@ from medix.judges.prompts import (
     yes_probability,
 )
 from medix.judges.rule import negation_consistent, normalized_words, rule_match
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.mark.parametrize(
@@ -47,15 +44,14 @@ def test_parse_verdict_dispatches_and_rejects_unknown_parser():
         parse_verdict("YES", "fuzzy")
 
 
-def test_strict_is_the_default_parser_in_code_and_in_every_llm_judge_config():
-    from omegaconf import OmegaConf
-
-    from medix.judges.client import ClientSettings
+def test_strict_is_the_default_parser_in_code_and_in_every_llm_judge_config(tmp_path):
+    from medix.judges import OpenAIJudge
+    from test_judge_client import compose_judge
 
     assert parse_verdict("The answer is YES") is None and parse_verdict("NO, not YES") == 0.0
-    assert ClientSettings(model="m", base_url="http://127.0.0.1:1/v1").parser == "strict"
-    for name in ("local", "openai", "qwen"):
-        cfg = OmegaConf.load(CONF / "judge" / f"{name}.yaml")
+    assert OpenAIJudge(model="m", base_url="http://127.0.0.1:1/v1").parser == "strict"
+    for name in ("local", "local_small", "openai", "qwen"):
+        cfg = compose_judge(name, tmp_path)
         assert cfg.parser == "strict", f"conf/judge/{name}.yaml: parser is {cfg.parser!r}"
 
 
@@ -101,8 +97,8 @@ def test_rule_judge_normalised_word_containment():
         scores = judge.score([JudgeItem(None, "Atrial fibrillation.", "atrial fibrillation"),
                               JudgeItem("q", "flutter", "atrial fibrillation")])
     assert scores == [1.0, 0.0]
-    stats = judge.stats()
-    assert stats["judge/calls"] == 2 and stats["judge/failures"] == 0 and stats["judge/cache_hit_rate"] == 0
+    assert judge.stats() == {"judge/requests": 0.0, "judge/items": 2.0, "judge/cache_hits": 0.0, "judge/failures": 0.0,
+                             "judge/latency_s": 0.0}
 
 
 @pytest.mark.parametrize("prediction", [

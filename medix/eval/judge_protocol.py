@@ -10,6 +10,7 @@ import re
 
 REEVALUATE = "Please reevaluate and make sure your judgment is correct."
 PARSE_RETRY = 'Your reply could not be read. Respond only with the JSON object {"score": <score>}.'
+VERDICT_RETRY = 'Your reply could not be read. Respond only with "YES" or "NO".'  # judge_protocol.prompt=judge
 MAX_SCORE = {"binary": 1, "rubric": 5}
 
 BINARY_PROMPT = """You are a medical expert.

