@@ -23,6 +23,8 @@ def quiet_third_party_logs(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # HF loads models in eval mode
     # validation statistics are computed over every rank (torchmetrics) before they are logged
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+    # FSDP2 flags outputs that are views; medix never changes a model output in place
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     try:
         from transformers.utils import logging as hf_logging
 

@@ -78,13 +78,10 @@ def recorded(logger, cfg, output_dir: Path, *resources):
 
 
 def checkpoint_run_id(checkpoint: Path | None) -> str | None:
-    """The MLflow run a checkpoint belongs to (read without loading its tensors)."""
-    if checkpoint is None:
-        return None
-    import torch
+    """The MLflow run a checkpoint belongs to."""
+    from medix.grpo.callbacks import checkpoint_state
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    return state.get("grpo", {}).get("mlflow_run_id")
+    return None if checkpoint is None else checkpoint_state(checkpoint).get("mlflow_run_id")
 
 
 def in_multirun() -> bool:

@@ -68,16 +68,25 @@ class GRPOCheckpoint(Callback):
 
 
 def resolve_checkpoint(resume: str | Path) -> Path:
-    """`resume=` takes a checkpoint file or a run folder (its checkpoints/last.ckpt)."""
+    """`resume=` takes a checkpoint (a .ckpt file, or under FSDP a .ckpt folder of shards) or a run folder (its
+    checkpoints/last.ckpt)."""
     from medix.errors import ConfigError
 
     path = Path(resume).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not (path / "meta.pt").is_file():  # a run folder, not a sharded checkpoint
         path = path / "checkpoints" / CHECKPOINT_NAME
     if not path.exists():
-        raise ConfigError(f"resume={str(resume)!r}: no checkpoint at {path} (expected a .ckpt file or a run folder "
-                          f"holding checkpoints/{CHECKPOINT_NAME})")
+        raise ConfigError(f"resume={str(resume)!r}: no checkpoint at {path} (expected a .ckpt file or folder, or a "
+                          f"run folder holding checkpoints/{CHECKPOINT_NAME})")
     return path
+
+
+def checkpoint_state(path: Path) -> dict:
+    """What the GRPO module saved in a checkpoint (`grpo`: step, RNG, MLflow run id), read without its tensors."""
+    import torch
+
+    file = path / "meta.pt" if path.is_dir() else path  # a sharded checkpoint keeps the non-tensor state there
+    return torch.load(file, map_location="cpu", weights_only=False, mmap=not path.is_dir()).get("grpo", {})
 
 
 class SaveTrainedPolicy(Callback):

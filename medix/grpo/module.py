@@ -15,6 +15,7 @@ import torch
 from medix.data.datamodule import PromptBatch
 from medix.grpo.logprobs import completion_logprobs
 from medix.grpo.losses import dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator, policy_loss
+from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
 from medix.rewards.composite import RewardBatch
 from medix.rewards.statistics import RewardStatistics
 from medix.rollout.base import Rollout, Sampling, concat_rollouts, select_rows
@@ -64,10 +65,12 @@ class GRPOModule(L.LightningModule):
                                  top_p=algorithm.top_p, min_new_tokens=algorithm.min_new_tokens)
         self.grpo_step = 0
         self.refill_rng = random.Random(seed)
-        # The KL reference: with LoRA the adapter switched off (no copy); a full fine-tune keeps a frozen copy.
-        self.ref_model = None
+        # The KL reference: with LoRA the adapter switched off (no copy); a full fine-tune keeps a frozen copy, made
+        # before any sharding and kept out of the registered modules (so out of every checkpoint).
+        reference = None
         if algorithm.beta > 0 and not backbone.uses_lora:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        object.__setattr__(self, "ref_model", reference)
         self.sampled_rewards = RewardStatistics(reward.names)
         self.kept_rewards = RewardStatistics(reward.names)
         self.val_rewards = RewardStatistics(reward.names)
@@ -75,7 +78,22 @@ class GRPOModule(L.LightningModule):
         self._step_start_state = None  # the RNG states at the start of the running step (what a resume redoes)
         self._resumed_rng = None
 
-    # ---- optimisation -------------------------------------------------------------------------------------------
+    # ---- placement and optimisation -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """trainer=fsdp: FSDP2 shards the policy and the frozen reference per decoder layer (and vision block) over
+        the data-parallel ranks; Lightning calls this before the optimizer is made."""
+        if self.device_mesh is None or is_sharded(self.model):
+            return
+        policy = getattr(self.trainer.strategy, "mp_policy", None)
+        shard_model(self.model, self.device_mesh, mp_policy=policy)
+        if self.ref_model is not None:
+            shard_model(self.ref_model, self.device_mesh, mp_policy=policy)
+
+    def on_fit_start(self) -> None:
+        if self.ref_model is not None and not is_sharded(self.ref_model):
+            dtype = next(self.model.parameters()).dtype
+            self.ref_model.to(device=self.device, dtype=dtype)
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
@@ -161,9 +179,9 @@ class GRPOModule(L.LightningModule):
                 real = index < n_real
                 part = select_rows(rollout, rows)
                 part_mask = mask[rows] if real else torch.zeros_like(mask[rows])
-                logp, entropy = completion_logprobs(self.model, part.input_ids, part.attention_mask,
-                                                    part.prompt_length, self.backbone.model_inputs(part),
-                                                    with_entropy=True)
+                logp, entropy = run_as_forward(self.model, completion_logprobs, self.model, part.input_ids,
+                                               part.attention_mask, part.prompt_length,
+                                               self.backbone.model_inputs(part), with_entropy=True)
                 local = loss_denominator(part_mask, algo.aggregation) if real else 0.0
                 denominator = self.sum_across_ranks(local) / self.world_size
                 loss, m = policy_loss(
@@ -192,8 +210,8 @@ class GRPOModule(L.LightningModule):
         parts = []
         for rows in chunks:
             part = select_rows(rollout, rows)
-            logp, _ = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length,
-                                          self.backbone.model_inputs(part))
+            logp, _ = run_as_forward(model, completion_logprobs, model, part.input_ids, part.attention_mask,
+                                     part.prompt_length, self.backbone.model_inputs(part))
             parts.append(logp)
         return torch.cat(parts)
 
@@ -267,7 +285,10 @@ class GRPOModule(L.LightningModule):
 
     # ---- checkpoints and the trained policy ----------------------------------------------------------------------
     def save_trained(self, root) -> Path:
-        """The trained policy under `root`: adapter/ (LoRA) or model/ (full fine-tune); written by rank 0."""
+        """The trained policy under `root`: adapter/ (LoRA) or model/ (full fine-tune), written by rank 0. A sharded
+        policy (FSDP) is gathered into one Hugging Face folder (model/, a LoRA adapter merged), every rank taking part."""
+        if is_sharded(self.model):
+            return save_full_pretrained(self.model, self.backbone.tokenizer, Path(root) / "model")
         folder = Path(root) / self.backbone.trained_folder_name()
         if self.global_rank == 0:
             self.backbone.save_trained(folder)

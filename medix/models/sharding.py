@@ -17,14 +17,22 @@ from torch import nn
 GENERIC_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
-def fsdp_strategy(devices: int, num_nodes: int = 1, save_distributed_checkpoint: bool = True, **kwargs):
+def fsdp_strategy(devices: int, num_nodes: int = 1, save_distributed_checkpoint: bool = True,
+                  param_dtype: str = "auto", **kwargs):
     """Lightning's ModelParallelStrategy as pure FSDP: every process in the data-parallel dimension. Its "auto" sizes
     put all devices of a node in the tensor-parallel dimension instead, so ranks would get the same data and no
-    sharding. save_distributed_checkpoint: a folder of per-rank DCP shards (True) or one full file from rank 0."""
+    sharding. save_distributed_checkpoint: a folder of per-rank DCP shards (True) or one full file from rank 0.
+    param_dtype: the dtype units compute in (`bfloat16`: `bf16_mixed_precision()`; `float32`; `auto`: bf16 on a GPU,
+    fp32 on the CPU); the GRPO module reads it as `strategy.mp_policy` when it shards the policy."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(data_parallel_size=int(devices) * int(num_nodes), tensor_parallel_size=1,
-                                 save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+    if param_dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"trainer.strategy.param_dtype={param_dtype!r}; expected auto, bfloat16 or float32")
+    strategy = ModelParallelStrategy(data_parallel_size=int(devices) * int(num_nodes), tensor_parallel_size=1,
+                                     save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+    bf16 = param_dtype == "bfloat16" or (param_dtype == "auto" and torch.cuda.is_available())
+    strategy.mp_policy = bf16_mixed_precision() if bf16 else None
+    return strategy
 
 
 def bf16_mixed_precision():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from medix.models.sharding import gathered_for_generation, is_sharded
 from medix.rollout.base import Rollout, Sampling, can_share_prompt, completion_mask_from_ids, left_padded_positions
 
 
@@ -19,9 +22,16 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, policy, prompts: list[str], images: list[list] | None = None, *, group_size: int,
                  sampling: Sampling) -> Rollout:
-        model, tokenizer = policy.model, policy.tokenizer
+        model = policy.model
         was_training = model.training
         model.eval()
+        try:
+            return self._generate(policy, prompts, images, group_size, sampling)
+        finally:
+            model.train(was_training)  # also when generate fails (the next step trains in the right mode)
+
+    def _generate(self, policy, prompts, images, group_size: int, sampling: Sampling) -> Rollout:
+        model, tokenizer = policy.model, policy.tokenizer
         device = next(model.parameters()).device
         enc = policy.encode(prompts, images)
         ids = enc.input_ids.to(device).repeat_interleave(group_size, dim=0)
@@ -37,15 +47,15 @@ class HFEngine:
             cache.reorder_cache(torch.arange(len(prompts), device=device).repeat_interleave(group_size))
             extra["past_key_values"] = cache  # generate feeds only the last prompt token, then samples
         eos = policy.eos_token_ids
-        output = model.generate(
-            input_ids=ids, attention_mask=mask, **inputs, **extra,
-            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=0,  # the full distribution, whatever generation_config says: what the policy-gradient log-probs assume
-            max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, cache_implementation=self.cache_implementation,
-            synced_gpus=synced_gpus,
-        )
-        model.train(was_training)
+        with gathered_for_generation(model) if synced_gpus else contextlib.nullcontext(), policy_sampling(model):
+            output = model.generate(
+                input_ids=ids, attention_mask=mask, **inputs, **extra,
+                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=0,  # the full distribution: what the policy-gradient log-probs assume
+                max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, cache_implementation=self.cache_implementation,
+                synced_gpus=synced_gpus,
+            )
         completion = output[:, ids.shape[1]:]
         completion_mask, truncated = completion_mask_from_ids(completion, eos)
         completion = completion.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
@@ -65,15 +75,31 @@ class HFEngine:
         pass
 
 
+@contextlib.contextmanager
+def policy_sampling(model):
+    """Inside: every generation_config of `model` (its own, or the wrapped transformers model's under peft or
+    tiny_vlm) holds only its special token ids, so generate samples from the policy's distribution with just the
+    engine's settings. A checkpoint's generation_config.json otherwise fills in whatever the call leaves unset, and
+    some switch on logits processors (Qwen2.5-VL: repetition_penalty 1.05) that sample completions from another
+    distribution than the one their log-probs are scored under."""
+    from transformers import GenerationConfig
+
+    owners = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    saved = [m.generation_config for m in owners]
+    for m, config in zip(owners, saved):
+        m.generation_config = GenerationConfig(**{k: getattr(config, k, None) for k in SPECIAL_TOKENS})
+    try:
+        yield
+    finally:
+        for m, config in zip(owners, saved):
+            m.generation_config = config
+
+
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
 def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """The KV cache of `input_ids` (one row per distinct prompt); logits only for the last position."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),
                 use_cache=True, logits_to_keep=1)
     return out.past_key_values
-
-
-def is_sharded(model) -> bool:
-    """Parameters sharded over ranks with FSDP2 (`fully_shard`), so every forward is a collective."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return torch.distributed.is_initialized() and any(isinstance(m, FSDPModule) for m in model.modules())
