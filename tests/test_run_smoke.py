@@ -12,8 +12,9 @@ import pytest
 from fake_openai import FakeOpenAIServer
 
 METRICS = ["reward/overall/mean", "reward/overall/std", "loss", "completion/mean_length", "kl", "clip_ratio",
-           "entropy", "frac_reward_zero_std", "judge/calls", "judge/cache_hit_rate", "judge/failures",
-           "time/rollout_s", "time/reward_s", "time/update_s"] + [
+           "entropy", "frac_reward_zero_std", "judge/requests", "judge/items", "judge/cache_hits", "judge/failures",
+           "judge/cache_hit_rate", "judge/latency_s", "time/rollout_s", "time/reward_s", "time/update_s",
+           "time/step_s", "lr"] + [
     f"reward/{c}/mean" for c in ("llm_judge", "embedding", "modality", "format")]
 
 
@@ -66,8 +67,8 @@ def test_smoke_run_calls_the_judge_over_http_at_temperature_zero(smoke_run):
     assert all(r["temperature"] == 0 for r in requests)
     assert all(r["model"] == "Qwen/Qwen3-4B-Instruct-2507" for r in requests)
     runs = finished_runs(f"sqlite:///{tmp}/mlflow.db")
-    calls = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "judge/calls")
-    assert calls[-1].value == len(requests)  # every logged call is a real HTTP request (the cache starts empty)
+    calls = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "judge/requests")
+    assert calls[-1].value == len(requests)  # every logged request is a real HTTP request (the cache starts empty)
 
 
 def test_smoke_run_saves_a_loadable_adapter(smoke_run):
