@@ -5,6 +5,7 @@
   step's reward statistics and the metrics Lightning holds after the step; a `start` line when a step begins) and
   `rank<R>.pt` (the trainable weights
   at the start and at the end of training).
+- `judge_error_at`: a reward component that raises JudgeError during the given GRPO step (with StepRecorder on).
 - `zero_for_ids`: a reward component (`+reward.components.<name>._target_=run_probes.zero_for_ids`) that scores 0
   for the given prompt ids and 1 + completion length / 100 otherwise, so that DAPO's filter with a minimum mean
   between the two (e.g. 0.6) drops exactly the groups of those prompts.
@@ -19,6 +20,10 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from medix.errors import JudgeError
+
+CURRENT_STEP = 0  # the GRPO step in progress in this process (set by StepRecorder)
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -40,7 +45,9 @@ class StepRecorder(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         """Written once the previous step is fully recorded (its metrics are in the logger by now)."""
-        self.write(trainer, {"phase": "start", "step": pl_module.grpo_step + 1})
+        global CURRENT_STEP
+        CURRENT_STEP = pl_module.grpo_step + 1
+        self.write(trainer, {"phase": "start", "step": CURRENT_STEP, "batch_ids": [s.id for s in batch.samples]})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         scored = outputs["scored"]
@@ -66,3 +73,9 @@ class StepRecorder(Callback):
 
 def zero_for_ids(completions, solutions, *, ids, zero_ids=(), **columns) -> list[float]:
     return [0.0 if i in set(zero_ids) else 1.0 + min(len(c), 100) / 100.0 for c, i in zip(completions, ids)]
+
+
+def judge_error_at(completions, solutions, *, step: int, **columns) -> list[float]:
+    if CURRENT_STEP == step:
+        raise JudgeError(f"judge unreachable (test: step {step})")
+    return [0.0] * len(completions)

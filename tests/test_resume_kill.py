@@ -151,3 +151,30 @@ def test_resume_after_sigkill_continues_the_same_mlflow_run_without_losing_or_re
     assert final["grpo"]["step"] == MAX_STEPS and final["PromptDataModule"]["batches_done"] == MAX_STEPS
     assert final["grpo"]["mlflow_run_id"] == run_id
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_judge_error_leaves_a_checkpoint_that_redoes_the_failed_step(tmp_path):
+    """A judge error in step 3 stops the run with a checkpoint of step 2 whose data position is 2, not 3: resuming
+    trains step 3 on the prompts the failed step had, and continues the same MLflow run."""
+    failing = subprocess.run(command(tmp_path, "+reward.components.outage._target_=run_probes.judge_error_at",
+                                     "+reward.components.outage.step=3", "+reward.weights.outage=0.1"),
+                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert failing.returncode == 2 and "judge unreachable (test: step 3)" in failing.stderr
+    assert f"resume={tmp_path / 'out'}" in failing.stdout + failing.stderr  # how to continue, in the log
+    state = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["grpo"]["step"] == 2 and state["PromptDataModule"]["batches_done"] == 2
+    failed_batch = [r["batch_ids"] for r in records(tmp_path) if r["phase"] == "start" and r["step"] == 3]
+    (tmp_path / "record" / "rank0.jsonl").unlink()
+
+    resumed = subprocess.run(command(tmp_path, f"resume={tmp_path / 'out'}",
+                                     "+reward.components.outage._target_=run_probes.judge_error_at",
+                                     "+reward.components.outage.step=-1", "+reward.weights.outage=0.1"),
+                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = train_steps(records(tmp_path))
+    assert sorted(steps) == [3, 4] and [steps[3]["batch_ids"]] == failed_batch
+    assert [steps[s]["batch_ids"] for s in (3, 4)] == expected_ids_per_step()[2:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = mlflow.search_runs(search_all_experiments=True).itertuples()
+    assert run.status == "FINISHED"
+    assert sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run.run_id, "loss")) == [1, 2, 3, 4]
