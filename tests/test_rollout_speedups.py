@@ -1,14 +1,25 @@
-"""The rollout speed-ups change no numbers: shared-prompt log-probs and their gradients equal one plain forward,
-chunked logsumexp equals log_softmax, and the shared prompt cache samples what a plain prefill samples."""
+"""The rollout and scoring speed-ups change no numbers, and the HF engine samples from the policy: shared-prompt
+log-probs and their gradients equal one plain forward (the prompt running once per distinct prompt), chunked
+logsumexp equals log_softmax, the shared prompt cache samples what a plain prefill samples, and what generate
+sampled from is what the training forward scores, whatever the checkpoint's generation_config asks for."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from medix.grpo.rollout import completion_logprobs, generate_completions, prompt_owners, token_logprobs
-from tiny_lm import tiny_qwen2
+from medix.errors import ConfigError
+from medix.grpo.logprobs import completion_logprobs, prompt_owners, token_logprobs
+from medix.models.base import Backbone
+from medix.rollout.base import Sampling, left_padded_positions
+from medix.rollout.hf import HFEngine
+from tiny_lm import one_thread, record_generate, tiny_qwen2, word_tokenizer  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13"]
 
 
 def group_batch(prompts_per_step=3, group=4, prompt_len=7, completion_len=5, seed=1):
@@ -23,6 +34,17 @@ def group_batch(prompts_per_step=3, group=4, prompt_len=7, completion_len=5, see
     comp_mask = torch.ones_like(comp)
     comp_mask[0, -2:] = 0  # a completion that ended early (right padding)
     return torch.cat([ids, comp], 1), torch.cat([mask, comp_mask], 1), prompt_len
+
+
+def body_batches(model) -> list[tuple[int, int]]:
+    """Records the [rows, tokens] of every batch the model's token embedding sees (one per forward of the body)."""
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    return seen
+
+
+def qwen_backbone(lora: bool = False) -> Backbone:
+    return Backbone(tiny_qwen2(lora=lora), word_tokenizer(97), "tiny_qwen2")
 
 
 def test_prompt_owners_marks_runs_of_identical_prompts():
@@ -40,66 +62,116 @@ def test_token_logprobs_equal_log_softmax_and_entropy():
     assert not entropy.requires_grad
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_logprobs_and_gradients_equal_a_plain_forward(lora):
+def test_shared_prompt_logprobs_and_gradients_equal_a_plain_forward(lora, checkpointing):
+    """Shared: each distinct prompt runs once, its rows' completions read its cache. Under activation checkpointing
+    (no cache in training) the plain forward runs instead, with the same numbers."""
     model = tiny_qwen2(lora=lora).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
     input_ids, attention_mask, P = group_batch()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    batches = body_batches(model)
 
     def logp_and_grads(share):
         model.zero_grad()
+        batches.clear()
         logp, entropy = completion_logprobs(model, input_ids, attention_mask, P, with_entropy=True, share_prompt=share)
         (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
-        return logp.detach(), entropy, [p.grad.clone() for p in trainable]
+        return logp.detach(), entropy, [p.grad.clone() for p in trainable], list(batches)
 
-    shared, shared_entropy, shared_grads = logp_and_grads(True)
-    plain, plain_entropy, plain_grads = logp_and_grads(False)
+    shared, shared_entropy, shared_grads, shared_batches = logp_and_grads(True)
+    plain, plain_entropy, plain_grads, plain_batches = logp_and_grads(False)
+    assert plain_batches[0] == (12, 12)
+    assert shared_batches[0] == ((12, 12) if checkpointing else (3, 7))  # 3 distinct prompts of 7 tokens
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared_entropy, plain_entropy, atol=1e-5, rtol=1e-5)
     for a, b in zip(shared_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-class WordTokenizer:
-    """Just enough tokenizer for generate_completions: `w5 w9` <-> ids, left padding with id 2."""
-
-    pad_token_id, eos_token_id = 2, 1
-
-    def __call__(self, text, return_tensors="pt", padding=True):
-        rows = [[int(w[1:]) for w in t.split()] for t in text]
-        width = max(map(len, rows))
-        ids = torch.tensor([[2] * (width - len(r)) + r for r in rows])
-        return {"input_ids": ids, "attention_mask": (torch.arange(width) >= width - torch.tensor([len(r) for r in rows])
-                                                     .unsqueeze(1)).long()}
-
-    def batch_decode(self, ids, skip_special_tokens=True):
-        return [" ".join(f"w{i}" for i in row if i not in (1, 2)) for row in ids.tolist()]
-
-
 def test_shared_prompt_cache_samples_what_a_plain_prefill_samples():
-    model = tiny_qwen2()
-    prompts = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13"]
+    backbone = qwen_backbone()
+    calls = record_generate(backbone.model)
     outs = []
     for share in (True, False):
         torch.manual_seed(123)
-        outs.append(generate_completions(model, WordTokenizer(), prompts, group_size=3, max_new_tokens=6,
-                                         temperature=1.0, top_p=1.0, share_prompt_cache=share))
+        outs.append(HFEngine(share_prompt_cache=share).generate(backbone, PROMPTS, group_size=3,
+                                                                sampling=Sampling(max_new_tokens=6)))
+    assert [call.get("past_key_values") is not None for call in calls] == [True, False]  # the cache was shared
     shared, plain = outs
     assert shared.input_ids.shape == (9, 4 + 6)
     assert torch.equal(shared.input_ids, plain.input_ids)
     assert shared.texts == plain.texts
-    logp_shared, _ = completion_logprobs(model, shared.input_ids, shared.attention_mask, shared.prompt_length)
-    logp_plain, _ = completion_logprobs(copy.deepcopy(model), plain.input_ids, plain.attention_mask,
+    logp_shared, _ = completion_logprobs(backbone.model, shared.input_ids, shared.attention_mask, shared.prompt_length)
+    logp_plain, _ = completion_logprobs(copy.deepcopy(backbone.model), plain.input_ids, plain.attention_mask,
                                         plain.prompt_length, share_prompt=False)
     torch.testing.assert_close(logp_shared, logp_plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_engine_samples_from_the_distribution_the_training_forward_scores(lora):
+    """A checkpoint's generation_config may switch on logits processors (Qwen2.5-VL ships repetition_penalty 1.05):
+    the engine samples from the policy itself, so the log-softmax of what generate sampled from, at the chosen
+    tokens, is the training forward's log-prob; the model's own generation_config is left as it was."""
+    backbone = qwen_backbone(lora=lora)
+    config = backbone.model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size, config.top_k = 1.5, 2, 5
+    calls = record_generate(backbone.model)
+    torch.manual_seed(0)
+    rollout = HFEngine().generate(backbone, PROMPTS, group_size=2, sampling=Sampling(max_new_tokens=8))
+    sampled = torch.log_softmax(calls[0]["scores"].float(), -1)
+    sampled = sampled.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(backbone.model, rollout.input_ids, rollout.attention_mask,
+                                      rollout.prompt_length)
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(sampled[mask], logp[mask], atol=1e-4, rtol=1e-4)
+    assert backbone.model.generation_config.repetition_penalty == 1.5  # restored
+
+
+def test_engine_rows_groups_masks_and_texts():
+    """group_size rows per prompt, consecutive; the completion mask covers tokens up to the first EOS (included),
+    later tokens are padding, truncated = no EOS; texts decode the kept tokens; the policy's train mode is kept."""
+    backbone = qwen_backbone()
+    backbone.model.train()
+    tokenizer = backbone.tokenizer
+    torch.manual_seed(3)
+    rollout = HFEngine().generate(backbone, PROMPTS, group_size=3, sampling=Sampling(max_new_tokens=40))
+    assert backbone.model.training
+    P = rollout.prompt_length
+    for g, prompt in enumerate(PROMPTS):
+        for row in range(3 * g, 3 * g + 3):
+            real = rollout.input_ids[row, :P][rollout.attention_mask[row, :P].bool()]
+            assert tokenizer.decode(real) == prompt
+    completion, mask = rollout.completion_ids, rollout.completion_mask
+    ended = ~rollout.truncated
+    assert ended.any() and rollout.truncated.any()  # both kinds of row in this seeded sample
+    for row in range(len(rollout)):
+        length = int(mask[row].sum())
+        assert mask[row, :length].all() and not mask[row, length:].any()
+        eos_at = (completion[row] == 1).nonzero().flatten().tolist()
+        if ended[row]:
+            assert eos_at == [length - 1]  # the first EOS ends the row, nothing after it is kept
+        else:
+            assert eos_at == [] and length == completion.shape[1]
+        assert (completion[row, length:] == tokenizer.pad_token_id).all()
+        assert rollout.texts[row] == tokenizer.decode(completion[row, :length], skip_special_tokens=True)
+    assert torch.equal(rollout.attention_mask[:, P:], mask)
+
+
+def test_a_text_only_backbone_refuses_prompts_with_images():
+    backbone = qwen_backbone()
+    assert backbone.encode(PROMPTS[:2], [[], []]).row_images is None
+    with pytest.raises(ConfigError, match="backbone tiny_qwen2 is text-only but the prompts carry images"):
+        backbone.encode(PROMPTS[:2], [[], [Image.new("RGB", (8, 8))]])
 
 
 @pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
 def test_completion_logprobs_equal_log_softmax_of_the_model_logits(share, lora):
     """Through the split body + chunked head (lm_head.py): the same numbers as the model's own full logits."""
-    from medix.grpo.rollout import left_padded_positions
-
     model = tiny_qwen2(lora=lora).eval()
     input_ids, attention_mask, P = group_batch()
     with torch.no_grad():

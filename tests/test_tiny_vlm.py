@@ -1,38 +1,29 @@
-"""backbone=tiny_vlm: processor markers, image-dependent logits, rollout + log-probs, LoRA reference, gradients, saving."""
+"""backbone=tiny_vlm: processor markers and the per-row pixel layout, image-dependent logits, rollouts from the HF
+engine scored by the training forward, LoRA reference, a vision tower that trains, saving and loading."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from medix.data.images import load_image
-from medix.data.prompts import render_prompt
 from medix.data.samples import Sample
 from medix.errors import ConfigError, MedixError
-from medix.grpo.rollout import (completion_logprobs, completion_mask_from_ids, concat_rollouts, generate_completions,
-                                select_rows)
-from medix.models import load_backbone
-from medix.models.tiny_vlm import IMAGE_TOKEN, build_vision_tower
+from medix.grpo.logprobs import completion_logprobs
+from medix.models.tiny_vlm import IMAGE_TOKEN, TinyVLMBackbone, build_vision_tower
+from medix.rollout.base import Sampling, completion_mask_from_ids, concat_rollouts, left_padded_positions, select_rows
+from medix.rollout.hf import HFEngine
+from tiny_lm import build_backbone, composed, one_thread, record_generate  # noqa: F401 (a fixture)
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE_DIR = os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache" / "medix"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE_NAMES = ("synpic42202.jpg", "synpic29265.jpg", "synpic100176.jpg")
-
-
-def tiny_cfg(**overrides):
-    cfg = OmegaConf.load(REPO / "conf" / "backbone" / "tiny_vlm.yaml")
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
 
 
 @pytest.fixture(scope="module")
 def backbone():
-    return load_backbone(tiny_cfg(), CACHE_DIR)
+    return build_backbone("tiny_vlm")
 
 
 @pytest.fixture(scope="module")
@@ -47,37 +38,53 @@ def chat(processor, n_images: int, text: str = "What does the image show?") -> s
                                          tokenize=False)
 
 
-def full_logprobs(model, enc, rows=None) -> torch.Tensor:
+def model_inputs(backbone, prompts, images) -> dict:
+    """What a forward or generate call gets for these prompts: ids, mask and the batched pixels of the rows."""
+    enc = backbone.encode(prompts, images)
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, **backbone.image_inputs(enc.row_images)}
+
+
+def full_logprobs(model, inputs) -> torch.Tensor:
     """Log-softmax of every position from one plain forward (no logits_to_keep), positions from the mask."""
-    position_ids = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=position_ids,
-                       pixel_values=enc.get("pixel_values")).logits
+        logits = model(**inputs, position_ids=left_padded_positions(inputs["attention_mask"])).logits
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def test_processor_expands_each_marker_to_the_image_tokens(backbone, images):
+def scored(backbone, rollout, **kwargs):
+    return completion_logprobs(backbone.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
+                               backbone.model_inputs(rollout), **kwargs)
+
+
+def test_processor_expands_each_marker_and_rows_keep_their_own_pixels(backbone, images):
+    assert isinstance(backbone, TinyVLMBackbone) and backbone.is_vlm and backbone.uses_lora
     processor = backbone.processor
     per_image = (64 // 16) ** 2
     prompts = [chat(processor, 0), chat(processor, 1), chat(processor, 2)]
     assert [p.count(IMAGE_TOKEN) for p in prompts] == [0, 1, 2]
     assert prompts[1].startswith("<|im_start|>system") and prompts[1].endswith("<|im_start|>assistant\n")
-    enc = processor(text=prompts, images=[[], [images[0]], images[1:3]], return_tensors="pt", padding=True)
+    rows = [[], [images[0]], images[1:3]]
+    enc = processor(text=prompts, images=rows, return_tensors="pt", padding=True)
     counts = (enc["input_ids"] == processor.image_token_id).sum(1)
     assert counts.tolist() == [0, per_image, 2 * per_image]
     assert enc["pixel_values"].shape == (3, 2, 3, 64, 64)
     assert enc["pixel_values"][0].abs().sum() == 0 and enc["pixel_values"][1, 1].abs().sum() == 0  # padding slots
     assert enc["pixel_values"][1, 0].abs().sum() > 0
     assert enc["attention_mask"][0, 0] == 0 and enc["attention_mask"][:, -1].all()  # left padding
-    assert backbone.tokenizer.pad_token_id is not None
+    encoded = backbone.encode(prompts, rows)  # each row its own [n, 3, S, S]; batched again as the processor does
+    assert encoded.row_images[0] is None and [r.shape[0] for r in encoded.row_images[1:]] == [1, 2]
+    assert torch.equal(encoded.input_ids, enc["input_ids"])
+    assert torch.equal(backbone.image_inputs(encoded.row_images)["pixel_values"], enc["pixel_values"])
+    assert backbone.image_inputs([encoded.row_images[2], None])["pixel_values"].shape == (2, 2, 3, 64, 64)
+    assert backbone.encode(prompts[:1], [[]]).row_images is None and backbone.image_inputs(None) == {}
     with pytest.raises(MedixError, match="row 0: 1 <\\|image\\|> marker"):
         processor(text=[prompts[1]], images=[[]], return_tensors="pt")
 
 
-def test_render_prompt_uses_one_marker_per_sample_image(backbone, shared_benchmarks):
+def test_render_uses_one_marker_per_sample_image(backbone):
     sample = Sample(id="vqarad-11", problem="Is there evidence of an aortic aneurysm?", solution="<X_RAY> yes",
                     tag="<X_RAY>", answer="yes", images=["a.jpg", "b.jpg"], source="test")
-    prompt = render_prompt(sample, backbone.processor, "thinking")
+    prompt = backbone.render(sample, "thinking")
     assert prompt.count(IMAGE_TOKEN) == 2
     assert "aortic aneurysm" in prompt and prompt.endswith("<|im_start|>assistant\n")
 
@@ -85,8 +92,7 @@ def test_render_prompt_uses_one_marker_per_sample_image(backbone, shared_benchma
 def test_logits_depend_on_the_image(backbone, images):
     processor, model = backbone.processor, backbone.model.eval()
     prompt = chat(processor, 1)
-    enc = processor(text=[prompt] * 3, images=[[images[0]], [images[1]], [images[0]]], return_tensors="pt")
-    logp = full_logprobs(model, enc)
+    logp = full_logprobs(model, model_inputs(backbone, [prompt] * 3, [[images[0]], [images[1]], [images[0]]]))
     assert torch.isfinite(logp).all()
     assert torch.allclose(logp[0], logp[2], atol=1e-5)  # same image, same logits
     assert (logp[0, -1] - logp[1, -1]).abs().max() > 1e-3  # another image changes the next-token distribution
@@ -94,7 +100,7 @@ def test_logits_depend_on_the_image(backbone, images):
 
 
 def test_vision_tower_init_is_seeded_and_leaves_the_global_rng_alone():
-    vision = tiny_cfg().vision
+    vision = composed("backbone=tiny_vlm").backbone.vision
     state = torch.random.get_rng_state()
     a, b = build_vision_tower(vision, 576, 0.05), build_vision_tower(vision, 576, 0.05)
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -105,142 +111,175 @@ def test_vision_tower_init_is_seeded_and_leaves_the_global_rng_alone():
         build_vision_tower(OmegaConf.merge(vision, {"image_size": 60}), 576, 0.05)
 
 
-def test_rollout_and_completion_logprobs_match_a_direct_forward(backbone, images):
-    processor, tokenizer, model = backbone.processor, backbone.tokenizer, backbone.model
+def test_the_training_forward_scores_what_the_engine_sampled(backbone, images):
+    processor, model = backbone.processor, backbone.model
     prompts = [chat(processor, 1), chat(processor, 1, "Which organ is this? Answer in one word please.")]
-    torch.manual_seed(0)
-    rollout = generate_completions(model, tokenizer, prompts, group_size=2, max_new_tokens=6, temperature=1.0,
-                                   top_p=1.0, processor=processor, images=[[images[0]], [images[1]]])
-    assert rollout.input_ids.shape[0] == 4 and len(rollout.texts) == 4
-    assert rollout.extra_inputs["pixel_values"].shape == (4, 1, 3, 64, 64)
+    calls = record_generate(model)
+    try:
+        torch.manual_seed(0)
+        rollout = HFEngine().generate(backbone, prompts, [[images[0]], [images[1]]], group_size=2,
+                                      sampling=Sampling(max_new_tokens=6))
+    finally:
+        del model.generate
+    assert len(rollout) == 4 and len(rollout.texts) == 4
+    assert [r.shape for r in rollout.row_images] == [(1, 3, 64, 64)] * 4
+    assert torch.equal(rollout.row_images[1], rollout.row_images[0])  # a group shares its prompt's image
+    assert not torch.equal(rollout.row_images[2], rollout.row_images[0])
     assert not (rollout.completion_ids == processor.image_token_id).any()
-    logp, entropy = completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
-                                        rollout.extra_inputs, with_entropy=True)
+    logp, entropy = scored(backbone, rollout, with_entropy=True)
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
-    enc = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, **rollout.extra_inputs}
-    direct = full_logprobs(model, enc)[:, rollout.prompt_length - 1:-1]
-    direct = direct.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
     mask = rollout.completion_mask.bool()
+    sampled = torch.log_softmax(calls[0]["scores"].float(), -1)
+    sampled = sampled.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logp[mask], sampled[mask], atol=1e-4)  # what generate sampled from
+    inputs = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+              **backbone.model_inputs(rollout)}
+    direct = full_logprobs(model, inputs)[:, rollout.prompt_length - 1:-1]
+    direct = direct.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(logp[mask], direct[mask], atol=1e-4)
     part = select_rows(rollout, [3, 0])  # row slicing carries each row's pixels
-    sub, _ = completion_logprobs(model, part.input_ids, part.attention_mask, part.prompt_length, part.extra_inputs)
-    assert torch.allclose(sub, logp[[3, 0]], atol=1e-4)
+    assert torch.allclose(scored(backbone, part)[0], logp[[3, 0]], atol=1e-4)
 
 
 def test_rollouts_with_different_image_counts_join_and_score_like_their_parts(backbone, images):
     """DAPO joins the kept groups of several rollouts and the update splits them into mini-batches: rows with two
     images, one image and none (other prompt and completion lengths) keep their own log-probabilities."""
-    processor, tokenizer, model = backbone.processor, backbone.tokenizer, backbone.model
-    sample = dict(group_size=2, temperature=1.0, top_p=1.0, processor=processor)
-    torch.manual_seed(1)
-    mixed = generate_completions(model, tokenizer, [chat(processor, 2), chat(processor, 1, "Which organ is this?")],
-                                 max_new_tokens=5, images=[images[:2], [images[2]]], **sample)
-    single = generate_completions(model, tokenizer, [chat(processor, 1, "Name the modality of this study, briefly.")],
-                                  max_new_tokens=8, images=[[images[1]]], **sample)
-    text = generate_completions(model, tokenizer, [chat(processor, 0, "What is the normal resting heart rate?")],
-                                max_new_tokens=3, images=None, **sample)
-    assert mixed.image_counts == [2, 2, 1, 1] and single.image_counts == [1, 1] and text.image_counts is None
-    assert single.extra_inputs["pixel_values"].shape[1] == 1 and text.extra_inputs == {}
+    processor, pad = backbone.processor, backbone.tokenizer.pad_token_id
+
+    def sample(prompts, rows, tokens, seed, share=True):
+        torch.manual_seed(seed)
+        return HFEngine(share_prompt_cache=share).generate(backbone, prompts, rows, group_size=2,
+                                                           sampling=Sampling(max_new_tokens=tokens))
+
+    mixed = sample([chat(processor, 2), chat(processor, 1, "Which organ is this?")], [images[:2], [images[2]]], 5, 1)
+    single = sample([chat(processor, 1, "Name the modality of this study, briefly.")], [[images[1]]], 8, 2)
+    text_prompt = [chat(processor, 0, "What is the normal resting heart rate?")]
+    text = sample(text_prompt, None, 3, 3)
+    assert torch.equal(text.input_ids, sample(text_prompt, None, 3, 3, share=False).input_ids)  # shared prompt cache
+    assert [r.shape[0] for r in mixed.row_images] == [2, 2, 1, 1] and text.row_images is None
+    assert backbone.model_inputs(single)["pixel_values"].shape == (2, 1, 3, 64, 64)
+    assert backbone.model_inputs(text) == {}
     parts = [select_rows(mixed, [0, 1, 2, 3]), single, text]
-    merged = concat_rollouts(parts, pad_token_id=tokenizer.pad_token_id)
-    assert merged.image_counts == [2, 2, 1, 1, 1, 1, 0, 0]
-    assert merged.extra_inputs["pixel_values"].shape == (8, 2, 3, 64, 64)
-    own = [completion_logprobs(model, p.input_ids, p.attention_mask, p.prompt_length, p.extra_inputs)[0] for p in parts]
-    logp, _ = completion_logprobs(model, merged.input_ids, merged.attention_mask, merged.prompt_length,
-                                  merged.extra_inputs)
+    merged = concat_rollouts(parts, pad_token_id=pad)
+    assert [0 if r is None else r.shape[0] for r in merged.row_images] == [2, 2, 1, 1, 1, 1, 0, 0]
+    assert backbone.model_inputs(merged)["pixel_values"].shape == (8, 2, 3, 64, 64)
+    own = [scored(backbone, p)[0] for p in parts]
+    logp, _ = scored(backbone, merged)
     start = 0
     for part, part_logp in zip(parts, own):
-        rows, length = part.input_ids.shape[0], part.completion_mask.shape[1]
+        rows, length = len(part), part.completion_mask.shape[1]
         mask = part.completion_mask.bool()
         assert torch.allclose(logp[start:start + rows, :length][mask], part_logp[mask], atol=1e-4)
         assert merged.completion_mask[start:start + rows, length:].sum() == 0
         start += rows
-    for rows in ([0, 4], [6, 2, 5]):  # mini-batches mixing image counts
+    for rows in ([0, 4], [6, 2, 5], [7, 6]):  # mini-batches mixing image counts, and one of text rows only
         chunk = select_rows(merged, rows)
-        chunk_logp, _ = completion_logprobs(model, chunk.input_ids, chunk.attention_mask, chunk.prompt_length,
-                                            chunk.extra_inputs)
+        chunk_logp, _ = scored(backbone, chunk)
         mask = chunk.completion_mask.bool()
         assert torch.allclose(chunk_logp[mask], logp[rows][mask], atol=1e-4)
 
 
 def test_greedy_generate_agrees_with_forward(backbone, images):
     processor, tokenizer, model = backbone.processor, backbone.tokenizer, backbone.model.eval()
-    enc = processor(text=[chat(processor, 1), chat(processor, 1, "Name the modality.")],
-                    images=[[images[2]], [images[0]]], return_tensors="pt")
-    out = model.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
+    inputs = model_inputs(backbone, [chat(processor, 1), chat(processor, 1, "Name the modality.")],
+                          [[images[2]], [images[0]]])
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
-    prompt_length = enc["input_ids"].shape[1]
-    assert torch.equal(out[:, :prompt_length], enc["input_ids"])  # prompt + completion, like a decoder-only model
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(out[:, :prompt_length], inputs["input_ids"])  # prompt + completion, like a decoder-only model
     attention = torch.ones_like(out)
-    attention[:, :prompt_length] = enc["attention_mask"]
-    logp = full_logprobs(model, {"input_ids": out, "attention_mask": attention, "pixel_values": enc["pixel_values"]})
+    attention[:, :prompt_length] = inputs["attention_mask"]
+    logp = full_logprobs(model, {"input_ids": out, "attention_mask": attention,
+                                 "pixel_values": inputs["pixel_values"]})
     mask, _ = completion_mask_from_ids(out[:, prompt_length:], [tokenizer.eos_token_id])  # up to the first EOS
     greedy = logp[:, prompt_length - 1:-1].argmax(-1)
     assert torch.equal(greedy[mask.bool()], out[:, prompt_length:][mask.bool()])
 
 
-def train_step(model, processor, images) -> None:
-    """One plain SGD step on the mean log-prob of a fixed answer (moves LoRA and the vision tower)."""
-    enc = processor(text=[chat(processor, 1) + "It is a chest X-ray."], images=[[images[0]]], return_tensors="pt")
-    logits = model(**enc).logits
-    loss = -torch.log_softmax(logits[:, -8:-1], -1).gather(-1, enc["input_ids"][:, -7:, None]).mean()
+def train_step(backbone, images) -> None:
+    """One plain sign-SGD step on the mean log-prob of a fixed answer (moves LoRA and the vision tower)."""
+    inputs = model_inputs(backbone, [chat(backbone.processor, 1) + "It is a chest X-ray."], [[images[0]]])
+    logits = backbone.model(**inputs).logits
+    loss = -torch.log_softmax(logits[:, -8:-1], -1).gather(-1, inputs["input_ids"][:, -7:, None]).mean()
     loss.backward()
     with torch.no_grad():
-        for param in model.parameters():
+        for param in backbone.model.parameters():
             if param.grad is not None:
                 param -= 1.0 * param.grad.sign() * 1e-2
                 param.grad = None
 
 
-def test_lora_reference_gradients_and_saved_adapter(images, tmp_path):
-    backbone = load_backbone(tiny_cfg(), CACHE_DIR)
+def test_lora_reference_a_vision_tower_that_trains_and_the_saved_adapter(images, tmp_path):
+    backbone = build_backbone("tiny_vlm")
     processor, model = backbone.processor, backbone.model.train()
-    assert hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-    enc = processor(text=[chat(processor, 1)], images=[[images[1]]], return_tensors="pt")
+    assert backbone.uses_lora and backbone.trained_folder_name() == "adapter"
+    probe = model_inputs(backbone, [chat(processor, 1)], [[images[1]]])
     with torch.no_grad():
-        before = model(**enc).logits
-    # Gradients reach the vision tower and LoRA; base weights and the reference tower stay frozen.
-    enc_answer = processor(text=[chat(processor, 1) + "A chest X-ray."], images=[[images[0]]], return_tensors="pt")
-    model(**enc_answer).logits[:, -4:].logsumexp(-1).mean().backward()
+        before = model(**probe).logits
+    tower_before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+    # The GRPO update's forward: gradients reach the vision tower and LoRA; base weights and the reference tower
+    # stay frozen.
+    torch.manual_seed(0)
+    rollout = HFEngine().generate(backbone, [chat(processor, 1)], [[images[0]]], group_size=2,
+                                  sampling=Sampling(max_new_tokens=4))
+    logp, _ = scored(backbone, rollout)
+    (logp * rollout.completion_mask).sum().backward()
     named = dict(model.named_parameters())
     assert named["vision_tower.patch_embed.weight"].grad.abs().sum() > 0
     assert named["vision_tower.projector.weight"].grad.abs().sum() > 0
     assert any("lora_B" in n and p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items())
     assert all(not p.requires_grad for n, p in named.items() if "lora" not in n and "vision_tower" not in n)
+    assert all(not p.requires_grad for p in model.reference_vision.parameters())
     model.zero_grad(set_to_none=True)
 
-    train_step(model, processor, images)
+    train_step(backbone, images)
+    assert not torch.equal(model.vision_tower.patch_embed.weight, tower_before["patch_embed.weight"])
     with torch.no_grad():
-        after = model(**enc).logits
+        after = model(**probe).logits
         with model.disable_adapter():
-            reference = model(**enc).logits
-        again = model(**enc).logits
+            reference = model(**probe).logits
+        again = model(**probe).logits
     assert (after - before).abs().max() > 0.05
     assert torch.allclose(reference, before, atol=1e-5)  # base LM + the initial vision tower
     assert torch.equal(again, after)  # the context restores the trained policy
 
-    model.save_pretrained(tmp_path / "adapter")
-    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    folder = backbone.save_trained(tmp_path / backbone.trained_folder_name())
+    saved = {p.name for p in folder.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "vision_tower.safetensors", "tiny_vlm.json"} <= saved
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 30_000_000  # no embedding matrix
+    assert (folder / "adapter_model.safetensors").stat().st_size < 30_000_000  # no embedding matrix
+    trained_tower = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
     del backbone, model
-    reloaded = load_backbone(tiny_cfg(adapter=str(tmp_path / "adapter")), CACHE_DIR).model.eval()
+    reloaded = build_backbone("tiny_vlm", adapter=folder)
+    assert all(torch.equal(v, trained_tower[k]) for k, v in reloaded.model.vision_tower.state_dict().items())
+    assert all(p.requires_grad for p in reloaded.model.vision_tower.parameters())  # it trains on from there
+    model = reloaded.model.eval()
     with torch.no_grad():  # another instance: float noise up to ~1e-4, far below the training change
-        assert torch.allclose(reloaded(**enc).logits, after, atol=1e-3)
-        with reloaded.disable_adapter():
-            assert torch.allclose(reloaded(**enc).logits, before, atol=1e-3)
+        assert torch.allclose(model(**probe).logits, after, atol=1e-3)
+        with model.disable_adapter():
+            assert torch.allclose(model(**probe).logits, before, atol=1e-3)
     with pytest.raises(ConfigError, match="vision tower shaped"):
-        load_backbone(tiny_cfg(adapter=str(tmp_path / "adapter"), **{"vision.layers": 1}), CACHE_DIR)
+        build_backbone("tiny_vlm", adapter=folder, **{"vision.layers": 1})
 
 
 def test_frozen_tower_without_lora_with_checkpointing(images):
-    backbone = load_backbone(tiny_cfg(**{"lora.enabled": False, "train_vision_tower": False,
-                                         "gradient_checkpointing": True}), CACHE_DIR)
+    """No LoRA: GRPO deep-copies a reference, the trained policy is a model/ folder. Activation checkpointing drops
+    the KV cache in training, so text rows are scored without the shared prompt forward (it crashed before)."""
+    backbone = build_backbone("tiny_vlm", **{"lora.enabled": False, "train_vision_tower": False,
+                                             "gradient_checkpointing": True})
     model, processor = backbone.model.train(), backbone.processor
-    assert not hasattr(model, "peft_config") and not hasattr(model, "disable_adapter")  # GRPO deep-copies a reference
+    assert not backbone.uses_lora and backbone.trained_folder_name() == "model"
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
     assert model.language_model.is_activation_checkpointing and not model.language_model.config.use_cache
-    enc = processor(text=[chat(processor, 1)], images=[[images[2]]], return_tensors="pt")
-    model(**enc).logits[:, -1].logsumexp(-1).sum().backward()
+    model(**model_inputs(backbone, [chat(processor, 1)], [[images[2]]])).logits[:, -1].logsumexp(-1).sum().backward()
     assert model.language_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.vision_tower.patch_embed.weight.grad is None
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    text = HFEngine().generate(backbone, [chat(processor, 0, "What is the normal resting heart rate?")], None,
+                               group_size=2, sampling=Sampling(max_new_tokens=3))
+    assert model.training  # the engine put the policy back in training mode
+    shared, _ = scored(backbone, text)
+    plain, _ = scored(backbone, text, share_prompt=False)
+    torch.testing.assert_close(shared, plain)
+    shared.sum().backward()
+    assert model.language_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0

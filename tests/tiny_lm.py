@@ -1,4 +1,5 @@
-"""A tiny randomly initialised causal LM on a word-level tokenizer, for fast GRPO tests (no files, no network).
+"""Tiny models and helpers for fast GRPO tests: a randomly initialised causal LM on a word-level tokenizer (no
+files, no network), a tiny Qwen2, and backbones built from the composed config as `medix.run` builds them.
 
 Words are `w0 … w{V-1}`: w0 = unknown (every word of the English prompt template), w1 = EOS, w2 = PAD. Completions
 decode to words again, so a reward can count exactly which tokens the policy emitted.
@@ -6,6 +7,7 @@ decode to words again, so a reward can count exactly which tokens the policy emi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from medix.data.samples import Sample
-from medix.models.backbone import Backbone, apply_lora
+from medix.models.base import Backbone
+from medix.models.loading import apply_lora
 from medix.rewards.composite import RewardBatch
 
 REPO = Path(__file__).resolve().parents[1]
+CACHE_DIR = os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache" / "medix"))
 VOCAB = 32
 EOS, PAD = 1, 2
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
@@ -25,14 +29,42 @@ LORA = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0,
                                             "down_proj"]})
 
 
+def composed(*overrides: str):
+    """The training config `medix.run` composes from conf/ with these overrides (outputs to a throwaway folder)."""
+    from hydra import compose, initialize_config_dir
+
+    from medix.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["paths.output_dir=/tmp/medix-tests-unused", *overrides])
+
+
+def build_backbone(choice: str, **keys):
+    """`backbone=<choice>` with `backbone.<key>=<value>` overrides, built by its `_target_` loader like medix.run does
+    (a MedixError raised inside the loader comes out as itself)."""
+    from medix.config import build
+
+    def value(v):
+        return str(v).lower() if isinstance(v, bool) else ("null" if v is None else str(v))
+
+    cfg = composed(f"backbone={choice}", *[f"backbone.{k}={value(v)}" for k, v in keys.items()])
+    return build(cfg.backbone)
+
+
 def word_tokenizer(vocab_size: int = VOCAB):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", eos_token="w1", pad_token="w2")
+
+    def special(word):  # whole words only: a plain special token "w1" would also split "w12" into w1 + unknown
+        return AddedToken(word, single_word=True, special=True)
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token=special("w0"), eos_token=special("w1"),
+                                  pad_token=special("w2"))
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"
     return tok
@@ -71,11 +103,28 @@ def tiny_qwen2(seed: int = 0, lora: bool = False):
 
 
 def tiny_backbone(*, lora: bool, seed: int = 0, model=None) -> Backbone:
+    """The tiny Llama (or `model`) as a text backbone on the word tokenizer; with `lora`, wrapped by LORA."""
     model = model if model is not None else tiny_model(seed=seed)
     if lora:
         torch.manual_seed(seed)
         model = apply_lora(model, LORA)
-    return Backbone(model=model, tokenizer=word_tokenizer(), processor=None, is_vlm=False, name="tiny_llama")
+    return Backbone(model, word_tokenizer(), "tiny_llama")
+
+
+def record_generate(model) -> list[dict]:
+    """From now on `model.generate` (as a rollout engine calls it) also keeps, per call, its keyword arguments and
+    what it sampled from: `scores`, the processed next-token logits of every new position ([rows, new tokens,
+    vocab]). Returns the list the calls are appended to."""
+    calls: list[dict] = []
+    original = model.generate
+
+    def generate(**kwargs):
+        out = original(**kwargs, output_scores=True, return_dict_in_generate=True)
+        calls.append({**kwargs, "scores": torch.stack(out.scores, 1)})
+        return out.sequences
+
+    model.generate = generate
+    return calls
 
 
 def save_tiny_model(folder: Path, seed: int = 0) -> Path:
@@ -86,7 +135,12 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def algorithm(name: str = "grpo", **overrides):
-    cfg = OmegaConf.load(REPO / "conf" / "algorithm" / f"{name}.yaml")
+    """conf/algorithm/<name>.yaml over its schema's defaults, with `key=value` overrides (dotted keys allowed)."""
+    from medix.config import AlgorithmConfig
+
+    own = OmegaConf.load(REPO / "conf" / "algorithm" / f"{name}.yaml")
+    own.pop("defaults", None)
+    cfg = OmegaConf.merge(OmegaConf.structured(AlgorithmConfig), own)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     return cfg
@@ -100,27 +154,30 @@ def word_samples(n: int, prefix: str = "s") -> list[Sample]:
 
 class TargetWordReward:
     """reward = (number of completion words in `targets`) / max_new_tokens: learnable from any start, and it
-    differs within a group as soon as completions differ. Keeps the mean overall reward of every call."""
+    differs within a group as soon as completions differ. Keeps the mean overall reward of every call. The reward
+    contract of CompositeReward: `names`, and `(completions, solutions, **columns) -> RewardBatch`."""
+
+    names = ["target"]
 
     def __init__(self, targets=("w3", "w4", "w5", "w6"), max_new_tokens: int = 8):
         self.targets = set(targets)
         self.max_new_tokens = max_new_tokens
         self.history: list[float] = []
 
-    def __call__(self, completions, solutions, questions=None) -> RewardBatch:
+    def __call__(self, completions, solutions, **columns) -> RewardBatch:
         scores = [sum(word in self.targets for word in text.split()) / self.max_new_tokens for text in completions]
         if scores:
             self.history.append(sum(scores) / len(scores))
         return RewardBatch(components={"target": list(scores)}, overall=list(scores))
 
 
-def trainer(**overrides):
-    import lightning as L
+def trainer(max_steps: int | None = 1, **overrides):
+    """The GRPO trainer (`trainer=cpu`'s target) for `max_steps` GRPO steps on one CPU process, no progress bar."""
+    from medix.grpo.trainer import grpo_trainer
 
-    kwargs = dict(accelerator="cpu", devices=1, max_epochs=1000, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    kwargs = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    return grpo_trainer(max_steps=max_steps, **kwargs)
 
 
 def memory_logger():

@@ -91,11 +91,14 @@ class Backbone:
         return "adapter" if self.uses_lora else "model"
 
     def save_trained(self, folder: str | Path, state_dict: dict | None = None) -> Path:
-        """The LoRA adapter (or, for a full fine-tune, the whole model) and the tokenizer, loadable with `adapter=`.
-        `state_dict`: the full weights gathered from a sharded model (FSDP), saved instead of the local ones."""
+        """The LoRA adapter (or, for a full fine-tune, the whole model) and the tokenizer (a VLM: its processor,
+        which holds the tokenizer, the image processor and the chat template), loadable with `adapter=` and, for a
+        full model, as a model folder of its own. `state_dict`: the full weights gathered from a sharded model
+        (FSDP), saved instead of the local ones."""
         folder = Path(folder)
         self.model.save_pretrained(str(folder), state_dict=state_dict)
-        self.tokenizer.save_pretrained(str(folder))
+        preprocessor = self.processor if hasattr(self.processor, "save_pretrained") else self.tokenizer
+        preprocessor.save_pretrained(str(folder))
         return folder
 
     def load_trained(self, folder: str | Path) -> None:
@@ -104,20 +107,37 @@ class Backbone:
 
 
 def load_trained_weights(model, folder: str | Path):
-    """A medix run's LoRA adapter folder (adapter_config.json) applied to `model`, or its full-model folder loaded."""
+    """A medix run's LoRA adapter folder (adapter_config.json) applied to `model`, or its full-model folder's weights
+    copied into `model` in place (so what the loader set up on it, activation checkpointing, device, stays)."""
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     folder = Path(folder)
     if (folder / "adapter_config.json").is_file():
         if isinstance(model, PeftModel):
-            set_peft_model_state_dict(model, load_peft_weights(str(folder)))
+            try:
+                result = set_peft_model_state_dict(model, load_peft_weights(str(folder)))
+            except RuntimeError as exc:  # a different r
+                raise ConfigError(f"adapter {str(folder)!r} does not fit backbone.lora "
+                                  f"({' '.join(str(exc).split())[:300]}); set backbone.lora to the adapter's "
+                                  "adapter_config.json") from None
+            if result.unexpected_keys:  # peft loads non-strictly: weights with no place in this adapter are dropped
+                raise ConfigError(f"adapter {str(folder)!r} holds {len(result.unexpected_keys)} LoRA tensors that "
+                                  f"backbone.lora has no module for (e.g. {result.unexpected_keys[0]}); set "
+                                  "backbone.lora.target_modules to the adapter's adapter_config.json")
             return model
         return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     if (folder / "config.json").is_file():
         if isinstance(model, PeftModel):
             raise ConfigError(f"adapter {str(folder)!r} is a full fine-tuned model; load it with "
                               "backbone.lora.enabled=false")
-        return type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
+        saved = type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
+        try:
+            model.load_state_dict(saved.state_dict())
+        except RuntimeError as exc:
+            raise ConfigError(f"adapter {str(folder)!r} holds a {type(saved).__name__} whose weights do not fit the "
+                              f"backbone's model ({' '.join(str(exc).split())[:300]}); load it with the backbone it "
+                              "was trained from") from None
+        return model
     raise ConfigError(f"adapter {str(folder)!r} holds neither adapter_config.json nor config.json (expected a medix "
                       "run's adapter/ or model/ folder)")

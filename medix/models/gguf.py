@@ -49,7 +49,11 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out_dir)  # atomic: a killed conversion never leaves a half folder behind
+        try:
+            os.replace(tmp, out_dir)  # atomic: a killed conversion never leaves a half folder behind
+        except OSError:
+            if not (out_dir / "config.json").is_file():  # not another process (a DDP rank) that finished first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -43,7 +43,9 @@ def apply_lora(model, lora):
 
 
 def enable_activation_checkpointing(model) -> None:
-    model.gradient_checkpointing_enable()
+    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     model.config.use_cache = False
 
 

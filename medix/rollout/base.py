@@ -35,6 +35,15 @@ class Rollout:
     row_images: list[Any] | None = None  # each row's images in the backbone's layout (None: no image inputs)
     engine_logprobs: torch.Tensor | None = None  # [N, T] log-probs the engine sampled with (vLLM); None for HF
 
+    def __post_init__(self):
+        n = self.input_ids.shape[0]
+        sizes = {"texts": len(self.texts), "truncated": self.truncated.shape[0],
+                 "row_images": None if self.row_images is None else len(self.row_images),
+                 "engine_logprobs": None if self.engine_logprobs is None else self.engine_logprobs.shape[0]}
+        for name, size in sizes.items():
+            if size is not None and size != n:
+                raise ValueError(f"rollout {name} has {size} entries for {n} rows; expected one per row")
+
     @property
     def completion_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length:]
@@ -122,13 +131,12 @@ def pad_sequence(values: torch.Tensor, prompt_length: int, left: int, right: int
 
 def can_share_prompt(model) -> bool:
     """Prompt KV caches can be computed once and copied: a decoder-only text model, without activation
-    checkpointing (which turns the cache off in training)."""
+    checkpointing (which turns the cache off in training). Checkpointing is read off the layers themselves
+    (transformers flags each checkpointed module), so a wrapper around the model (peft, tiny_vlm) is seen through."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "vision_config", None):
         return False
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    return not getattr(model, flag, False)
+    return not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
