@@ -39,8 +39,7 @@ def tiny(tmp_path) -> list[str]:
     data.write_text("".join(json.dumps({"id": str(i), "problem": "Which organ?", "solution": "<CT_SCAN> Liver"}) + "\n"
                             for i in range(4)))
     return [f"paths.output_dir={tmp_path}/out", f"paths.cache_dir={Path.home()}/.cache/medix",
-            "dataset=jsonl", f"dataset.path={data}", "dataset.val_size=1", "judge=rule",
-            f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+            "dataset=jsonl", f"dataset.path={data}", "dataset.val_size=1", "judge=rule", "logger=none"]
 
 
 def cpu(cfg) -> list[str]:
@@ -67,6 +66,8 @@ def build_run(cfg):
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
 def test_every_choice_composes_and_builds(group, choice, tiny):
     overrides = [*tiny, f"{group}={choice}"]
+    if group == "logger" and choice == "mlflow":
+        overrides.append(f"logger.tracking_uri=sqlite:///{tiny[0].split('=', 1)[1]}/mlflow.db")
     if group == "dataset":  # the choice itself, not the tiny file
         overrides = [o for o in overrides if not o.startswith("dataset")] + [f"dataset={choice}"]
         if choice == "jsonl":
@@ -88,8 +89,10 @@ def test_every_choice_composes_and_builds(group, choice, tiny):
 def test_the_paper_presets_build_the_fsdp_strategy_on_two_cpu_ranks(tiny):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    cfg = compose_train([*tiny, "experiment=paper_8b_dapo", "trainer.accelerator=cpu", "trainer.precision=32-true",
-                         "trainer.devices=2", "embedder=minilm"])
+    tiny = [o for o in tiny if not o.startswith("logger")]  # the preset's own MLflow experiment
+    tiny.append(f"logger.tracking_uri=sqlite:///{tiny[0].split('=', 1)[1]}/mlflow.db")
+    cfg = compose_train([*tiny, "experiment=paper_8b_dapo", "trainer.accelerator=cpu", "trainer.devices=2",
+                         "embedder=minilm"])
     _, reward, _, trainer = build_run(cfg)
     assert isinstance(trainer.strategy, ModelParallelStrategy) and trainer.num_devices == 2
     assert set(reward.components) == {"llm_judge", "embedding", "modality", "format"}

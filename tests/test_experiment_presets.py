@@ -56,7 +56,7 @@ def test_preset_has_the_papers_batch_and_optimiser(name):
     algo, trainer = cfg.algorithm, cfg.trainer
     ranks = trainer.devices * trainer.num_nodes
     assert ranks == 8 and trainer.accelerator == "gpu"
-    assert trainer.strategy._target_ == "lightning.pytorch.strategies.ModelParallelStrategy"  # FSDP2
+    assert trainer.strategy._target_ == "medix.models.sharding.fsdp_strategy"  # FSDP2 (ModelParallelStrategy)
     # per-rank sizes (the DataLoader and the update loop run per rank): 512 prompts x 5 samples per step,
     # 128 prompts (640 completions) per policy update -> 4 updates per step
     assert algo.group_size == 5

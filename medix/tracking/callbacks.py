@@ -139,8 +139,9 @@ class RunSummary(Callback):
             lines.append(f"trained policy: {saved}")
         logger = trainer.logger
         if logger is not None and hasattr(logger, "run_id"):
-            lines.append(f"MLflow run {logger.run_id} in {logger._tracking_uri} (start `mlflow ui` in the folder "
-                         "you ran from to browse it)")
+            lines.append(f"MLflow run {logger.run_id} in {logger._tracking_uri}: start `mlflow ui` in the folder you "
+                         f"ran from, then open http://127.0.0.1:5000/#/experiments/{logger.experiment_id}/runs/"
+                         f"{logger.run_id}?workflowType=machine_learning")
         for key in sorted(self.last):
             name = key.split("/")[1]
             lines.append(f"{name:>12}: {fmt(self.first[key])} -> {fmt(self.last[key])}  (first -> last GRPO step)")
