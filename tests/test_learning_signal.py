@@ -12,6 +12,7 @@ import lightning as L
 
 from medix.data.datamodule import PromptDataModule
 from medix.grpo.module import GRPOModule
+from medix.rollout.hf import HFEngine
 from tiny_lm import TargetWordReward, algorithm, memory_logger, one_thread, tiny_backbone, trainer, word_samples  # noqa: F401
 
 STEPS, TOKENS = 12, 8
@@ -21,10 +22,10 @@ def test_grpo_raises_a_learnable_reward(one_thread):
     L.seed_everything(0)
     algo = algorithm("grpo", group_size=8, prompts_per_step=4, max_new_tokens=TOKENS, mini_batch_size=32, lr=1e-2)
     reward = TargetWordReward(max_new_tokens=TOKENS)
-    module = GRPOModule(tiny_backbone(lora=False, seed=0), reward, algo, reasoning_tag="thinking", max_steps=STEPS,
-                        seed=0)
+    module = GRPOModule(tiny_backbone(lora=False, seed=0), HFEngine(), reward, algo, reasoning_tag="thinking", seed=0)
     logger = memory_logger()
-    trainer(logger=logger).fit(module, datamodule=PromptDataModule(word_samples(16), [], batch_size=4, seed=0))
+    data = PromptDataModule.from_samples(word_samples(16), [], batch_size=4, seed=0)
+    trainer(max_steps=STEPS, logger=logger).fit(module, datamodule=data)
     curve = reward.history  # mean reward of each step's 32 completions, before that step's update
     print("reward per step:", [round(r, 3) for r in curve])
     assert len(curve) == STEPS and sorted(logger.steps) == list(range(1, STEPS + 1))

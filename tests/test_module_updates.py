@@ -1,5 +1,6 @@
 """GRPOModule steps through Lightning on a tiny random Llama: LoRA and full fine-tune both update the right weights
-against the right reference, `trainer.max_steps=null`, and `precision=bf16-true`."""
+against the right reference, DAPO's reward statistics cover every sampled group, `trainer.max_steps=null`, and
+`precision=bf16-true`."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import pytest
 import torch
 
 from medix.data.datamodule import PromptDataModule
-from medix.data.prompts import render_prompt
 from medix.errors import ConfigError
+from medix.grpo.callbacks import GRPOCheckpoint
+from medix.grpo.logprobs import completion_logprobs
 from medix.grpo.module import GRPOModule
-from medix.grpo.rollout import completion_logprobs, generate_completions
+from medix.rewards.composite import RewardBatch
+from medix.rollout.base import Sampling
+from medix.rollout.hf import HFEngine
 from tiny_lm import (TargetWordReward, algorithm, memory_logger, one_thread, tiny_backbone, tiny_model,  # noqa: F401
                      trainer, word_samples)
 
@@ -27,13 +31,13 @@ def grpo(**overrides):
     return algorithm("grpo", **settings)
 
 
-def fit(backbone, algo, *, max_steps=1, samples=8, logger=None, **trainer_kwargs):
+def fit(backbone, algo, *, max_steps=1, samples=8, logger=None, reward=None, **trainer_kwargs):
     torch.manual_seed(0)
-    module = GRPOModule(backbone, TargetWordReward(max_new_tokens=TOKENS), algo, reasoning_tag="thinking",
-                        max_steps=max_steps, **trainer_kwargs.pop("module_kwargs", {}))
-    data = PromptDataModule(word_samples(samples), [], batch_size=algo.prompts_per_step, seed=0)
+    module = GRPOModule(backbone, HFEngine(), reward or TargetWordReward(max_new_tokens=TOKENS), algo,
+                        reasoning_tag="thinking")
+    data = PromptDataModule.from_samples(word_samples(samples), [], batch_size=algo.prompts_per_step, seed=0)
     logger = logger if logger is not None else memory_logger()
-    trainer(logger=logger, **trainer_kwargs).fit(module, datamodule=data)
+    trainer(max_steps=max_steps, logger=logger, **trainer_kwargs).fit(module, datamodule=data)
     return module, logger
 
 
@@ -43,11 +47,9 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def logprobs_against(module, reference_model):
     """Log-probs of fresh completions under module's reference, its policy and `reference_model` (masked)."""
-    tokenizer = module.backbone.tokenizer
-    prompts = [render_prompt(s, tokenizer, "thinking") for s in word_samples(2)]
+    prompts = [module.backbone.render(s, "thinking") for s in word_samples(2)]
     torch.manual_seed(1)
-    rollout = generate_completions(module.model, tokenizer, prompts, group_size=2, max_new_tokens=TOKENS,
-                                   temperature=1.0, top_p=1.0)
+    rollout = HFEngine().generate(module.backbone, prompts, None, group_size=2, sampling=Sampling(TOKENS))
     mask = rollout.completion_mask.bool()
     args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
     ref = module.reference_logprobs(rollout, [list(range(rollout.input_ids.shape[0]))])
@@ -63,13 +65,14 @@ def assert_step_had_a_gradient(logger):
     assert torch.isfinite(torch.tensor(step["loss"]))
 
 
-def one_step_from_a_pristine_copy(*, lora: bool):
-    """One GRPO step (beta 0.01) on a tiny Llama: (module, untouched copy of the base model, weights before)."""
+def steps_from_a_pristine_copy(*, lora: bool, steps: int = 1):
+    """GRPO steps (beta 0.01, no weight decay) on a tiny Llama: (module, untouched copy of the base model, weights
+    before). LoRA needs two: its A matrices get no gradient until B has left its zero init."""
     base = tiny_model(seed=0)
     pristine = copy.deepcopy(base).eval()
     backbone = tiny_backbone(lora=lora, model=base)
     before = snapshot(backbone.model)
-    module, logger = fit(backbone, grpo(beta=0.01))
+    module, logger = fit(backbone, grpo(beta=0.01, weight_decay=0.0), max_steps=steps)  # changes come from gradients
     assert_step_had_a_gradient(logger)
     return module, pristine, before
 
@@ -81,8 +84,8 @@ def assert_reference_is_the_base_and_the_policy_moved(module, pristine):
 
 
 def test_lora_step_updates_the_adapter_only_and_the_reference_is_the_disabled_adapter():
-    module, pristine, before = one_step_from_a_pristine_copy(lora=True)
-    assert module.grpo_step == 1
+    module, pristine, before = steps_from_a_pristine_copy(lora=True, steps=2)
+    assert module.grpo_step == 2
     assert module.ref_model is None  # no second copy of the model
     after = snapshot(module.model)
     trainable = {name for name, p in module.model.named_parameters() if p.requires_grad}
@@ -97,7 +100,7 @@ def test_lora_step_updates_the_adapter_only_and_the_reference_is_the_disabled_ad
 
 
 def test_full_finetune_step_updates_every_weight_against_a_frozen_reference_copy():
-    module, pristine, before = one_step_from_a_pristine_copy(lora=False)
+    module, pristine, before = steps_from_a_pristine_copy(lora=False)
     ref_model = module.ref_model
     assert ref_model is not None and ref_model is not module.model
     policy_ids = {id(p) for p in module.model.parameters()}
@@ -114,18 +117,17 @@ def test_full_finetune_step_updates_every_weight_against_a_frozen_reference_copy
 
 
 def test_no_reference_model_without_a_kl_term():
-    module = GRPOModule(tiny_backbone(lora=False), TargetWordReward(), grpo(beta=0.0), reasoning_tag="thinking",
-                        max_steps=1)
+    module = GRPOModule(tiny_backbone(lora=False), HFEngine(), TargetWordReward(), grpo(beta=0.0),
+                        reasoning_tag="thinking")
     assert module.ref_model is None
 
 
 def test_max_steps_null_trains_until_the_epochs_end(tmp_path):
-    checkpoint = tmp_path / "last.ckpt"
     module, logger = fit(tiny_backbone(lora=True), grpo(beta=0.0), max_steps=None, samples=6, max_epochs=1,
-                         module_kwargs={"checkpoint_path": checkpoint})
-    assert module.max_steps == 3 and module.grpo_step == 3  # 6 prompts, 2 per step, one epoch
+                         callbacks=[GRPOCheckpoint(str(tmp_path))])
+    assert module.grpo_step == 3  # 6 prompts, 2 per step, one epoch
     assert sorted(logger.steps) == [1, 2, 3]
-    assert torch.load(checkpoint, weights_only=False)["grpo_step"] == 3  # the end-of-run checkpoint
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["grpo"]["step"] == 3  # the end-of-run checkpoint
 
 
 def test_max_steps_null_without_an_epoch_limit_names_the_keys():
@@ -144,3 +146,34 @@ def test_bf16_true_precision_trains_a_step():
     assert all(torch.isfinite(value).all() for value in after.values())
     changed = [n for n in after if not torch.equal(after[n], before[n].to(torch.bfloat16))]
     assert len(changed) > len(after) // 2
+
+
+class FirstGroupFlat(TargetWordReward):
+    """TargetWordReward, except that the first prompt's G completions of every call all score 0 (a group DAPO's
+    filter drops); keeps every call's overall rewards."""
+
+    def __init__(self, group_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.group_size = group_size
+        self.calls: list[list[float]] = []
+
+    def __call__(self, completions, solutions, **columns) -> RewardBatch:
+        scores = super().__call__(completions, solutions, **columns).overall
+        scores = [0.0] * self.group_size + scores[self.group_size:]
+        self.calls.append(scores)
+        return RewardBatch(components={"target": scores}, overall=scores)
+
+
+def test_dapo_reward_statistics_cover_every_sampled_group_and_the_kept_ones_apart():
+    algo = algorithm("dapo", group_size=GROUP, prompts_per_step=PROMPTS, max_new_tokens=TOKENS,
+                     mini_batch_size=PROMPTS * GROUP, lr=1e-2, **{"dynamic_sampling.max_tries": 1})
+    reward = FirstGroupFlat(GROUP, max_new_tokens=TOKENS)
+    _, logger = fit(tiny_backbone(lora=True), algo, reward=reward)
+    [sampled] = reward.calls
+    step = logger.steps[1]
+    assert step["reward/overall/mean"] == pytest.approx(sum(sampled) / len(sampled))  # the dropped group too
+    kept = sampled[GROUP:]
+    assert step["kept/reward/overall/mean"] == pytest.approx(sum(kept) / len(kept))
+    others_flat = len(set(kept)) == 1
+    assert step["frac_reward_zero_std"] == pytest.approx((1 + others_flat) / PROMPTS)
+    assert step["dapo/kept_groups"] == PROMPTS - 1 and step["dapo/tries"] == 1
