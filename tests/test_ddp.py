@@ -142,7 +142,7 @@ def test_metrics_are_the_same_on_both_ranks_and_rewards_are_over_every_completio
             assert step0["rewards"]["reward/overall/std"] == pytest.approx(std, rel=1e-9)
     val = [c for rows in records for r in phase(rows, "val") for c in r["overall"]]
     [val_end] = phase(records[0], "val_end")[-1:]
-    assert val_end["logged"]["val/reward/overall/mean"] == pytest.approx(sum(val) / len(val), rel=1e-9)
+    assert val_end["logged"]["val/reward/overall/mean"] == pytest.approx(sum(val) / len(val), rel=1e-6)  # float32
 
 
 def test_rank_zero_logs_the_reduced_metrics_to_one_finished_mlflow_run(ddp_run):
