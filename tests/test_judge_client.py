@@ -271,7 +271,9 @@ def test_shipped_configs_compose_with_their_schema_and_instantiate(tmp_path, nam
 def test_the_default_local_judge_is_the_pinned_1_5b_with_a_binary_logprob_verdict(tmp_path):
     judge = instantiate(compose_judge("local", tmp_path))
     assert judge.server.gguf == "qwen2.5-coder-1.5b-instruct-q4_k_m" and judge.scoring == "logprob"
-    assert 0 < judge.yes_threshold < 1
+    assert 0 < judge.yes_threshold < 1 and judge.max_tokens == 1
+    # the fixed text comes first, so llama.cpp reuses it; the item comes last
+    assert judge.template.index("{prediction}") > len(judge.template) // 2
     small = instantiate(compose_judge("local_small", tmp_path))
     assert small.server.gguf == "qwen2.5-coder-0.5b-instruct-q4_k_m"
 

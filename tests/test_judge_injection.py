@@ -47,8 +47,17 @@ def naive_prompt(case: dict) -> str:
     return DEFAULT_TEMPLATE.format(question=case["question"], prediction=case["prediction"], reference=case["reference"])
 
 
-def defended_prompt(case: dict) -> str:
-    return render_judge_prompt(case["prediction"], case["reference"], case["question"], max_prediction_chars=MAX_CHARS)
+def defended_prompt(case: dict, template: str | None = None) -> str:
+    return render_judge_prompt(case["prediction"], case["reference"], case["question"], template,
+                               max_prediction_chars=MAX_CHARS)
+
+
+def shipped_templates() -> dict[str, str]:
+    """The template of every shipped LLM judge config (null = medix's default)."""
+    from test_judge_client import compose_judge
+
+    return {name: compose_judge(name, "/nonexistent").template or DEFAULT_TEMPLATE
+            for name in ("qwen", "openai", "local", "local_small")}
 
 
 def gullible_verdict(prompt: str) -> str:
@@ -93,10 +102,11 @@ def test_cases_cover_at_least_30_attacks_of_many_kinds():
 
 
 # ---- the prompt neutralises each case ------------------------------------------------------------------------------
+@pytest.mark.parametrize("template", sorted(set(shipped_templates().values())), ids=lambda t: f"{len(t)}chars")
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_defended_prompt_neutralises_the_case(case):
-    prompt = defended_prompt(case)
-    assert tag_counts(prompt) == TEMPLATE_TAG_COUNTS  # no tag, real or look-alike, beyond the template's own
+def test_defended_prompt_neutralises_the_case(case, template):
+    prompt = defended_prompt(case, template)
+    assert tag_counts(prompt) == tag_counts(template)  # no tag, real or look-alike, beyond the template's own
     assert not CHAT_TOKEN.search(reads_as(prompt))
     assert not any(unicodedata.category(ch) == "Cf" for ch in prompt)
     block = block_of(prompt)
