@@ -119,6 +119,19 @@ class DynamicSampling:
 
 
 @dataclass
+class MismatchCorrection:
+    """Truncated importance sampling for the engine/trainer mismatch (TRL's vllm_importance_sampling_*): each
+    completion's policy-gradient term is weighted by pi_trainer / pi_engine of its tokens, and weights outside
+    [clip_min, clip_max] are masked to 0 (`*_mask`) or clipped (`*_truncate`). Needs an engine that reports its
+    sampling log-probs (rollout=vllm)."""
+
+    enabled: bool = False
+    mode: str = "sequence_mask"  # sequence_mask | sequence_truncate | token_mask | token_truncate
+    clip_max: Optional[float] = 3.0
+    clip_min: Optional[float] = None
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = MISSING
     group_size: int = 4
@@ -142,6 +155,7 @@ class AlgorithmConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     min_new_tokens: int = 0
+    mismatch_correction: MismatchCorrection = field(default_factory=MismatchCorrection)
 
 
 @dataclass
@@ -149,6 +163,41 @@ class HFRollout:
     _target_: str = "medix.rollout.hf.HFEngine"
     share_prompt_cache: bool = True  # prefill each distinct prompt once and copy its KV cache to the group
     cache_implementation: Optional[str] = None  # transformers' generate(cache_implementation=...), e.g. static
+
+
+@dataclass
+class VLLMServerOptions:
+    """medix.rollout.vllm_server.VLLMServer's settings (a server medix starts)."""
+
+    python: Optional[str] = None  # the interpreter with vllm; null = <repo>/.venv-vllm (MEDIX_VLLM=1 scripts/setup.sh)
+    dtype: str = "float32"  # float32 on the CPU: its log-probs equal the trainer's to ~1e-5 (bf16: ~0.05)
+    max_model_len: int = 2048
+    max_lora_rank: Optional[int] = None  # at least backbone.lora.r (taken when larger)
+    kv_cache_space_gib: float = 2.0
+    cpu_threads_bind: Optional[str] = "auto"  # VLLM_CPU_OMP_THREADS_BIND; auto = every core of this process
+    block_size: int = 32  # small blocks let a prompt's G children share its prefill
+    startup_timeout_s: float = 600.0
+    seed: int = "${seed}"  # type: ignore[assignment]
+    log_path: Optional[str] = None  # null = a file under the sync folder
+
+
+@dataclass
+class VLLMClientOptions:
+    timeout_s: float = 600.0
+    max_retries: int = 3
+    max_concurrency: int = 16
+
+
+@dataclass
+class VLLMRollout:
+    _target_: str = "medix.rollout.vllm.VLLMEngine"
+    base_url: Optional[str] = None  # a server you run (http://host:port/v1); null = medix starts one
+    model_name: str = "policy"  # the name the server serves the base model under
+    adapter_name: str = "medix-policy"  # the LoRA adapter's name on the server (replaced in place every step)
+    sync_dir: str = "${paths.output_dir}/rollout_sync"  # where the adapter or the weights are written for the server
+    max_restarts: int = 2  # a server medix started that dies is restarted (and re-synced) this many times
+    server: VLLMServerOptions = field(default_factory=VLLMServerOptions)
+    client: VLLMClientOptions = field(default_factory=VLLMClientOptions)
 
 
 # ---- trainer, logger, callbacks ---------------------------------------------------------------------------------
@@ -272,7 +321,7 @@ GROUP_SCHEMAS = {
     "embedder": {"embedder": EmbedderConfig},
     "dataset": {"dataset": DatasetConfig},
     "algorithm": {"algorithm": AlgorithmConfig},
-    "rollout": {"hf": HFRollout},
+    "rollout": {"hf": HFRollout, "vllm": VLLMRollout},
     "trainer": {"trainer": TrainerConfig},
     "logger": {"mlflow": MLflowLoggerConfig},
 }

@@ -79,3 +79,55 @@ def judge_error_at(completions, solutions, *, step: int, **columns) -> list[floa
     if CURRENT_STEP == step:
         raise JudgeError(f"judge unreachable (test: step {step})")
     return [0.0] * len(completions)
+
+
+class EngineProbe(Callback):
+    """rollout=vllm: after every GRPO step (the server synced), scores the first completion of the step's rollout
+    on the server (fresh prefill, the current adapter) and with the trainer's policy, and records the largest
+    |difference|; also records whether each validation batch came from the engine. Written to `engine.jsonl`."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.dirpath / "engine.jsonl", "a") as out:
+            out.write(json.dumps(record) + "\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from medix.grpo.logprobs import completion_logprobs
+
+        rollout = outputs["scored"].rollout
+        row = 0
+        prompt = rollout.input_ids[row, :rollout.prompt_length][rollout.attention_mask[row, :rollout.prompt_length].bool()]
+        length = int(rollout.completion_mask[row].sum())
+        completion = rollout.completion_ids[row, :length]
+        engine = pl_module.engine
+        served = engine.client.score(prompt.tolist(), completion.tolist(),
+                                     lora=engine.adapter_name if engine.lora else None)
+        ids = torch.cat([prompt, completion])[None]
+        with torch.no_grad():
+            trainer_logp, _ = completion_logprobs(pl_module.model, ids, torch.ones_like(ids), len(prompt))
+        self.write({"phase": "train", "step": pl_module.grpo_step, "tokens": length,
+                    "max_diff": float((torch.tensor(served) - trainer_logp[0]).abs().max()),
+                    "engine_logprobs": rollout.engine_logprobs is not None})
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.write({"phase": "val", "step": pl_module.grpo_step,
+                    "engine_logprobs": outputs["scored"].rollout.engine_logprobs is not None})
+
+
+class StaleServer(Callback):
+    """Fault injection for rollout=vllm: after every GRPO step puts the step-0 adapter back on the server under the
+    policy's name (as a sync that silently did nothing would leave it)."""
+
+    def __init__(self, dirpath: str):
+        self.first = Path(dirpath) / "first_adapter"
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.model.save_pretrained(str(self.first))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        engine = pl_module.engine
+        engine.client.load_adapter(engine.adapter_name, self.first)
+        engine.client.reset_prefix_cache()

@@ -1,6 +1,8 @@
 """GRPO-family math as pure tensor functions: group advantages, the clipped policy loss (GRPO, DAPO,
 Dr.GRPO, GSPO), DAPO's group filter. Shapes: N = B = number of completions, T = completion tokens."""
 
+import math
+
 import torch
 
 SCALES = ("group", "batch", "none")
@@ -88,12 +90,16 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     denominator: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ):
     """Clipped surrogate loss of the GRPO family, returns (scalar loss, metrics of detached tensors).
 
     logp, old_logp, ref_logp, mask: [B, T] (log-probs of the sampled tokens; mask 1 on completion tokens);
     advantages: [B]. Per token:  -min(r*A, clip(r, 1-clip_low, 1+clip_high)*A) + beta*k3,
     k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, non-negative KL estimator).
+
+    is_weights ([B, 1] or [B, T], no gradient): the engine/trainer mismatch correction (`mismatch_weights`), which
+    multiplies each token's clipped surrogate term (not the KL term).
 
     The loss is a sum over this mini-batch divided by `denominator`, by default `loss_denominator(mask, aggregation)`
     (its tokens or its rows). Data-parallel callers pass the denominator of the whole mini-batch over every rank
@@ -119,6 +125,8 @@ def policy_loss(
     adv = advantages.unsqueeze(1)
     clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
 
     if ref_logp is not None:
         ref_minus_logp = ref_logp - logp
@@ -153,6 +161,37 @@ def policy_loss(
             "ratio/mean": token_mean(ratio),
         }
     return loss, metrics
+
+
+MISMATCH_MODES = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate")
+
+
+def mismatch_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, *,
+                     mode: str = "sequence_mask", clip_max: float | None = 3.0, clip_min: float | None = None):
+    """Truncated importance sampling for a rollout engine whose sampling distribution differs from the trainer's
+    (TRL's vllm_importance_sampling_correction): w = pi_trainer / pi_engine of a completion's tokens (`sequence_*`:
+    exp of the summed log-ratio, one weight per row [B, 1]; `token_*`: per token [B, T]); `*_mask` sets weights
+    outside [clip_min, clip_max] to 0, `*_truncate` clips them into it. Returns (weights, metrics)."""
+    if mode not in MISMATCH_MODES:
+        raise ValueError(f"mismatch_correction.mode must be one of {MISMATCH_MODES}, got {mode!r}")
+    mask = mask.to(trainer_logp.dtype)
+    diff = torch.nan_to_num((trainer_logp.detach() - engine_logp) * mask, nan=0.0)
+    log_ratio = diff.sum(dim=1, keepdim=True) if mode.startswith("sequence") else diff
+    weights = torch.exp(log_ratio)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        weights = weights.clamp(min=clip_min, max=clip_max)
+        outside = torch.zeros_like(weights, dtype=torch.bool)
+    else:
+        outside = (weights < low) | (weights > high)
+        weights = weights.masked_fill(outside, 0.0)
+    counted = mask.any(dim=1, keepdim=True) if mode.startswith("sequence") else mask.bool()
+    values = weights[counted.expand_as(weights)] if counted.any() else weights.new_zeros(1)
+    metrics = {"mismatch/is_weight/mean": values.mean(), "mismatch/is_weight/min": values.min(),
+               "mismatch/is_weight/max": values.max(),
+               "mismatch/masked_frac": (outside & counted).float().sum() / counted.float().sum().clamp(min=1)}
+    return weights, metrics
 
 
 def loss_denominator(mask: torch.Tensor, aggregation: str) -> float:

@@ -14,7 +14,9 @@ import torch
 
 from medix.data.datamodule import PromptBatch
 from medix.grpo.logprobs import completion_logprobs
-from medix.grpo.losses import dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator, policy_loss
+from medix.errors import ConfigError
+from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator,
+                               mismatch_weights, policy_loss)
 from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
 from medix.rewards.composite import RewardBatch
 from medix.rewards.statistics import RewardStatistics
@@ -174,7 +176,8 @@ class GRPOModule(L.LightningModule):
         ref_logp = self.reference_logprobs(rollout, chunks[:n_real]) if algo.beta > 0 else None
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         totals: dict[str, list[float]] = {}
-        for _ in range(int(algo.num_iterations)):
+        engine_logp, correction = rollout.engine_logprobs, algo.mismatch_correction
+        for iteration in range(int(algo.num_iterations)):
             for index, rows in enumerate(chunks):
                 real = index < n_real
                 part = select_rows(rollout, rows)
@@ -182,13 +185,26 @@ class GRPOModule(L.LightningModule):
                 logp, entropy = run_as_forward(self.model, completion_logprobs, self.model, part.input_ids,
                                                part.attention_mask, part.prompt_length,
                                                self.backbone.model_inputs(part), with_entropy=True)
+                old = logp.detach() if reuse_logp else old_logp[rows]  # the trainer's log-probs at sampling time
+                is_weights = None
+                if engine_logp is not None and real:
+                    if iteration == 0:
+                        totals.setdefault("engine", []).append(engine_gap(old, engine_logp[rows], part.completion_mask))
+                    if correction.enabled:
+                        is_weights, wm = mismatch_weights(old, engine_logp[rows], part_mask, mode=correction.mode,
+                                                          clip_max=correction.clip_max, clip_min=correction.clip_min)
+                        for k, v in wm.items():
+                            totals.setdefault(k, []).append(float(v))
+                elif correction.enabled and real and engine_logp is None:
+                    raise ConfigError("algorithm.mismatch_correction.enabled needs an engine that reports its sampling "
+                                      "log-probs (rollout=vllm); rollout=hf samples with the trainer's own weights")
                 local = loss_denominator(part_mask, algo.aggregation) if real else 0.0
                 denominator = self.sum_across_ranks(local) / self.world_size
                 loss, m = policy_loss(
-                    logp, logp.detach() if reuse_logp else old_logp[rows], advantages[rows], part_mask,
+                    logp, old, advantages[rows], part_mask,
                     clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
                     importance=algo.importance, beta=algo.beta, ref_logp=None if ref_logp is None else ref_logp[rows],
-                    max_completion_length=algo.max_new_tokens, denominator=denominator)
+                    max_completion_length=algo.max_new_tokens, denominator=denominator, is_weights=is_weights)
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 if algo.max_grad_norm:
@@ -203,7 +219,12 @@ class GRPOModule(L.LightningModule):
                     for k, v in m.items():
                         totals.setdefault(k, []).append(v)
         self.timings["update"] = time.perf_counter() - t0
-        return {k: sum(v) / len(v) for k, v in totals.items()}
+        gaps = totals.pop("engine", [])
+        metrics = {k: sum(v) / len(v) for k, v in totals.items()}
+        if gaps:  # |engine - trainer| log-prob of the sampled tokens: a broken or stale sync shows here
+            metrics["rollout/logprob_diff/mean"] = sum(g[0] for g in gaps) / max(sum(g[1] for g in gaps), 1.0)
+            metrics["rollout/logprob_diff/max"] = max(g[2] for g in gaps)
+        return metrics
 
     @torch.no_grad()
     def score_rows(self, rollout: Rollout, chunks: list[list[int]], model) -> torch.Tensor:
@@ -261,7 +282,9 @@ class GRPOModule(L.LightningModule):
         metrics["completion/clipped_ratio"] = float(trained.rollout.truncated.float().mean())
         metrics.update({f"time/{k}_s": v for k, v in self.timings.items()})
         metrics["time/step_s"] = step_s
+        largest = {k: metrics.pop(k) for k in list(metrics) if k.endswith("/max")}
         self.log_dict(metrics, sync_dist=True)
+        self.log_dict(largest, sync_dist=True, reduce_fx="max")
         self.log_dict(rewards, sync_dist=False)  # already over every rank
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         self.log("reward", rewards.get("reward/overall/mean", float("nan")), prog_bar=True, logger=False)
@@ -313,6 +336,12 @@ class GRPOModule(L.LightningModule):
         if self._resumed_rng is not None:  # after the data loaders drew their seeds, as in the uninterrupted run
             restore_rng(self._resumed_rng)
             self._resumed_rng = None
+
+
+def engine_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """(sum, count, max) of |engine - trainer| over the completion tokens of a mini-batch."""
+    gap = (engine_logp - trainer_logp).abs() * mask
+    return float(gap.sum()), float(mask.sum()), float(gap.max()) if gap.numel() else 0.0
 
 
 def rng_state() -> dict:

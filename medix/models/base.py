@@ -36,8 +36,9 @@ class Backbone:
 
     is_vlm = False
 
-    def __init__(self, model, tokenizer, name: str, processor=None):
+    def __init__(self, model, tokenizer, name: str, processor=None, path: str | None = None):
         self.model = model
+        self.path = path  # the folder (or hub id) its weights were loaded from: what a rollout server serves
         self.tokenizer = tokenizer
         self.processor = processor
         self.name = name

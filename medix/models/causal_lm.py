@@ -24,7 +24,7 @@ def load_causal_lm(*, name: str, source: str, model: str, gguf=None, dtype: str 
         enable_activation_checkpointing(network)
     if lora is not None and lora.enabled:
         network = apply_lora(network, lora)
-    backbone = Backbone(network, tokenizer, name)
+    backbone = Backbone(network, tokenizer, name, path=str(path))
     if adapter:
         backbone.load_trained(adapter)
     return backbone

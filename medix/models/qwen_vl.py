@@ -66,7 +66,7 @@ def load_qwen_vl(*, name: str, source: str, model: str, gguf=None, dtype: str = 
         enable_activation_checkpointing(network)
     if lora is not None and lora.enabled:
         network = apply_lora(network, lora)
-    backbone = QwenVL(network, processor.tokenizer, name, processor)
+    backbone = QwenVL(network, processor.tokenizer, name, processor, path=str(path))
     if adapter:
         backbone.load_trained(adapter)
     return backbone

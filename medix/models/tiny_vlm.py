@@ -348,7 +348,7 @@ def load_tiny_vlm(*, name: str, source: str, model: str, gguf=None, language_mod
     if lora_on:
         network.reference_vision = copy.deepcopy(tower).requires_grad_(False)
     processor = TinyVLMProcessor(tokenizer, TinyImageProcessor(int(vision.image_size)), tokens_per_image)
-    backbone = TinyVLMBackbone(network, tokenizer, name, processor)
+    backbone = TinyVLMBackbone(network, tokenizer, name, processor, path=str(path))
     if adapter:
         backbone.load_trained(adapter)
     return backbone
