@@ -131,3 +131,18 @@ class StaleServer(Callback):
         engine = pl_module.engine
         engine.client.load_adapter(engine.adapter_name, self.first)
         engine.client.reset_prefix_cache()
+
+
+class KillServer(Callback):
+    """Fault injection for rollout=vllm: SIGKILL the server medix started (its whole process group) at the end of
+    GRPO step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        import signal
+
+        if pl_module.grpo_step == self.step:
+            os.killpg(pl_module.engine.server.process.pid, signal.SIGKILL)

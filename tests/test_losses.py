@@ -15,6 +15,7 @@ from medix.grpo.losses import (
     frac_reward_zero_std,
     group_advantages,
     loss_denominator,
+    mismatch_weights,
     policy_loss,
     valid_mask,
 )
@@ -424,3 +425,36 @@ def test_a_global_denominator_makes_data_parallel_gradients_those_of_one_process
     assert float(averaged) == pytest.approx(float(single), rel=1e-12)
     assert torch.allclose(grad, expected, rtol=1e-12, atol=1e-15)
     assert float(padding) == 0.0
+
+
+def test_mismatch_weights_follow_trls_modes_by_hand():
+    trainer = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, -1.0]])
+    engine = torch.tensor([[-1.5, -2.0, -9.0], [-1.0, -3.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # row 0's last token is padding: its gap is ignored
+    w, m = mismatch_weights(trainer, engine, mask, mode="sequence_mask", clip_max=3.0)
+    assert w.shape == (2, 1)
+    assert float(w[0]) == pytest.approx(math.exp(0.5)) and float(w[1]) == 0.0  # exp(2) > 3: masked
+    assert float(m["mismatch/masked_frac"]) == 0.5
+    w, _ = mismatch_weights(trainer, engine, mask, mode="sequence_truncate", clip_max=3.0)
+    assert [float(x) for x in w] == pytest.approx([math.exp(0.5), 3.0])
+    w, _ = mismatch_weights(trainer, engine, mask, mode="token_mask", clip_max=3.0, clip_min=0.5)
+    assert w.shape == (2, 3) and float(w[0, 0]) == pytest.approx(math.exp(0.5)) and float(w[1, 1]) == 0.0
+    assert float(w[0, 2]) == 1.0  # padding: ratio 1
+    with pytest.raises(ValueError, match="mismatch_correction.mode"):
+        mismatch_weights(trainer, engine, mask, mode="sequence")
+
+
+def test_unit_is_weights_leave_the_loss_unchanged_and_weights_scale_the_surrogate_only():
+    g = torch.Generator().manual_seed(5)
+    logp = (-torch.rand(3, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    old = logp.detach() + 0.02
+    adv, mask = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64), torch.ones(3, 4, dtype=torch.float64)
+    kw = dict(clip_low=0.2, clip_high=0.28, aggregation="token_mean", beta=0.0)
+    plain, _ = policy_loss(logp, old, adv, mask, **kw)
+    unit, _ = policy_loss(logp, old, adv, mask, is_weights=torch.ones(3, 1, dtype=torch.float64), **kw)
+    zero, _ = policy_loss(logp, old, adv, mask, is_weights=torch.zeros(3, 1, dtype=torch.float64), **kw)
+    assert float(unit) == pytest.approx(float(plain)) and float(zero) == 0.0
+    ref = logp.detach() - 0.1
+    with_kl, _ = policy_loss(logp, old, adv, mask, is_weights=torch.zeros(3, 1, dtype=torch.float64),
+                             **{**kw, "beta": 0.1}, ref_logp=ref)
+    assert float(with_kl) > 0  # a masked sequence still pays its KL term

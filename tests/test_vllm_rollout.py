@@ -16,7 +16,7 @@ import torch
 
 from vllm_fixtures import require_vllm_python
 
-pytestmark = pytest.mark.vllm
+
 
 
 def medix_run(repo_root, tmp, *overrides) -> tuple[dict[str, list[float]], list[dict]]:
@@ -46,6 +46,7 @@ def synced_run(repo_root, tmp_path_factory):
     return tmp, *medix_run(repo_root, tmp)
 
 
+@pytest.mark.vllm
 def test_the_engine_samples_with_the_trainers_log_probs_every_step_while_the_adapter_moves(synced_run):
     tmp, history, probes = synced_run
     assert len(history["rollout/logprob_diff/mean"]) == 4
@@ -55,6 +56,7 @@ def test_the_engine_samples_with_the_trainers_log_probs_every_step_while_the_ada
     assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 1e-4  # the adapter moved
 
 
+@pytest.mark.vllm
 def test_after_each_sync_the_server_scores_fixed_sequences_as_the_trainer_does(synced_run):
     _, _, probes = synced_run
     train = [p for p in probes if p["phase"] == "train"]
@@ -62,6 +64,7 @@ def test_after_each_sync_the_server_scores_fixed_sequences_as_the_trainer_does(s
     assert max(p["max_diff"] for p in train) < 1e-3, train
 
 
+@pytest.mark.vllm
 def test_validation_samples_from_the_engine(synced_run):
     _, history, probes = synced_run
     val = [p for p in probes if p["phase"] == "val"]
@@ -69,6 +72,7 @@ def test_validation_samples_from_the_engine(synced_run):
     assert history["val/reward/overall/mean"]
 
 
+@pytest.mark.vllm
 def test_dapo_refills_sample_from_the_engine_and_a_stale_server_shows_in_the_diff(repo_root, tmp_path):
     """DAPO keeping only groups with mean reward > 0.3 (so it refills), and a server that goes back to the first
     adapter after every sync: the trainer's policy moves away from what the server samples with."""
@@ -80,3 +84,25 @@ def test_dapo_refills_sample_from_the_engine_and_a_stale_server_shows_in_the_dif
     diffs = history["rollout/logprob_diff/mean"]
     assert diffs[0] < 1e-3  # step 1: the first adapter is the policy
     assert max(diffs[1:]) > 10 * max(diffs[0], 1e-5), diffs  # later: the server is stale, and it shows
+
+
+@pytest.mark.vllm
+def test_a_full_fine_tune_reloads_the_weights_and_survives_a_killed_server(repo_root, tmp_path):
+    """No LoRA: every step the new weights are reloaded into the server from an untied folder. The server is
+    SIGKILLed after step 2: the engine starts a new one with the current weights, and the run goes on in sync."""
+    history, probes = medix_run(repo_root, tmp_path, "backbone.lora.enabled=false", "trainer.max_steps=3",
+                                "+callbacks.kill._target_=run_probes.KillServer", "+callbacks.kill.step=2")
+    assert history["rollout/server_restarts"] == [0.0, 0.0, 1.0]
+    assert max(history["rollout/logprob_diff/mean"]) <= 0.01, history["rollout/logprob_diff/mean"]
+    assert max(p["max_diff"] for p in probes if p["phase"] == "train") < 1e-3
+
+
+def test_rollout_vllm_without_its_environment_is_one_clear_error(repo_root, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(repo_root))
+    out = subprocess.run([sys.executable, "-m", "medix.run", "experiment=smoke", "rollout=vllm", "reward=embed_only",
+                          f"rollout.server.python={tmp_path}/no-venv/bin/python", "logger=none",
+                          f"hydra.run.dir={tmp_path}/hydra", f"paths.output_dir={tmp_path}/out"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "rollout.server.python" in errors[0] and "MEDIX_VLLM=1 scripts/setup.sh" in errors[0]

@@ -142,24 +142,32 @@ class VLLMEngine:
 
     # ---- policy sync -------------------------------------------------------------------------------------------
     def sync(self, policy, step: int | None = None) -> dict[str, float]:
-        """Put the policy's current weights into the server (rank 0; the other ranks wait for it)."""
+        """Put the policy's current weights into the server (rank 0; the other ranks wait for it). `step`: the
+        version the server holds already (a start or a restart); None: the policy moved, a new version."""
         if self.client is None:
             return {}
         started = time.perf_counter()
         self.version = self.version + 1 if step is None else step
         if rank() == 0:
-            if self.lora:
-                folder = self.sync_dir / "adapter"
-                policy.model.save_pretrained(str(folder))
-                self.client.load_adapter(self.adapter_name, folder)
-                # An in-place swap keeps the adapter's id, so the KV blocks cached for shared prompt prefixes (the
-                # instruction every prompt starts with) would still hold the old adapter's keys and values.
-                self.client.reset_prefix_cache()
-            elif step is None:  # a full fine-tune starts from the folder it was served from
-                self.client.update_weights(save_for_reload(policy.model, self.sync_dir / "weights"))
-            self.client.set_weight_version(str(self.version))
+            try:
+                self.push(policy, served=step is not None)
+            except VLLMError as error:  # a server this engine started died: restart it (which pushes the policy)
+                self.restart(policy, error)
         barrier()
-        return {"rollout/sync_s": time.perf_counter() - started, "rollout/policy_version": float(self.version)}
+        return {"rollout/sync_s": time.perf_counter() - started, "rollout/policy_version": float(self.version),
+                "rollout/server_restarts": float(self.restarts)}
+
+    def push(self, policy, served: bool) -> None:
+        if self.lora:
+            folder = self.sync_dir / "adapter"
+            policy.model.save_pretrained(str(folder))
+            self.client.load_adapter(self.adapter_name, folder)
+            # An in-place swap keeps the adapter's id, so the KV blocks cached for shared prompt prefixes (the
+            # instruction every prompt starts with) would still hold the old adapter's keys and values.
+            self.client.reset_prefix_cache()
+        elif not served:  # a full fine-tune is served from the folder its start (or restart) wrote
+            self.client.update_weights(save_for_reload(policy.model, self.sync_dir / "weights"))
+        self.client.set_weight_version(str(self.version))
 
     def close(self) -> None:
         if self.client is not None:
