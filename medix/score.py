@@ -81,10 +81,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not cfg.get("input") or not cfg.get("output"):
         missing = "input" if not cfg.get("input") else "output"
         raise ConfigError(f"{missing}= is required; usage: {USAGE}")
-    rows = read_rows(Path(cfg.input))
-    if not rows:
-        raise DataError(f"input={cfg.input} has no rows; expected one JSON object per line with completion and solution")
-    with build(cfg.reward) as reward:
+    with build(cfg.reward) as reward:  # a bad reward config fails before any input is read
+        rows = read_rows(Path(cfg.input))
+        if not rows:
+            raise DataError(f"input={cfg.input} has no rows; expected one JSON object per line with completion and "
+                            "solution")
         records, means = score_rows(rows, reward)
         stats = reward.stats()
     output = Path(cfg.output)

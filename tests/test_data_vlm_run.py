@@ -117,15 +117,18 @@ def test_evaluate_loads_the_trained_tiny_vlm_with_identical_weights(vlm_run, rep
     from hydra import compose, initialize_config_dir
     from safetensors.torch import load_file
 
+    from hydra.utils import instantiate
+
+    from medix.config import register_configs
     from medix.eval.runner import build_generator
-    from medix.models import load_backbone
-    from medix.models.backbone import load_adapter
     from medix.models.tiny_vlm import TinyVLM, build_vision_tower
 
     out, tmp = vlm_run
     assert out.returncode == 0, out.stderr[-3000:]
-    trained = torch.load(tmp / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["weights"]
+    state = torch.load(tmp / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    trained = {name.removeprefix("model."): value for name, value in state.items()}
     assert any(".lora_B." in name for name in trained) and any(n.startswith("vision_tower.") for n in trained)
+    register_configs()
     with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base="1.3"):
         cfg = compose("eval", overrides=["backbone=tiny_vlm", f"model.adapter={tmp / 'out' / 'adapter'}",
                                          f"paths.output_dir={tmp_path}", "logger=none", "judge=rule"])
@@ -141,13 +144,13 @@ def test_evaluate_loads_the_trained_tiny_vlm_with_identical_weights(vlm_run, rep
     assert any(value.abs().sum() > 0 for name, value in trained.items() if ".lora_B." in name)
     saved_tower = load_file(str(tmp / "out" / "adapter" / "vision_tower.safetensors"))
     assert all(torch.equal(saved_tower[k], v) for k, v in model.vision_tower.state_dict().items())
-    # medix.models.load_adapter on a tiny_vlm model defers to its load_trained: the same weights again.
-    plain = load_backbone(cfg.backbone, cfg.paths.cache_dir).model
-    assert not torch.equal(dict(plain.named_parameters())["vision_tower.patch_embed.weight"], trained[
+    # A fresh tiny_vlm backbone loading the folder itself (load_trained): the same weights again.
+    plain = instantiate(cfg.backbone)
+    assert not torch.equal(dict(plain.model.named_parameters())["vision_tower.patch_embed.weight"], trained[
         "vision_tower.patch_embed.weight"])
-    loaded = load_adapter(plain, tmp / "out" / "adapter")
-    assert loaded is plain and isinstance(loaded, TinyVLM)
-    again = dict(loaded.named_parameters())
+    plain.load_trained(tmp / "out" / "adapter")
+    assert isinstance(plain.model, TinyVLM)
+    again = dict(plain.model.named_parameters())
     assert all(torch.equal(again[name].detach(), value) for name, value in trained.items())
 
 

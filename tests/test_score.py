@@ -73,7 +73,8 @@ def test_score_end_to_end_calls_the_judge_only_for_valid_non_identical_answers_a
         assert second.returncode == 0, second.stderr
         assert len(server.chat_requests) == 3  # every verdict came from the judge cache
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
-    assert re.search(r"judge/calls: 3\b", first.stdout) and re.search(r"judge/cache_hit_rate: 1\b", second.stdout)
+    assert re.search(r"judge/requests: 3\b", first.stdout) and re.search(r"judge/items: 3\b", first.stdout)
+    assert re.search(r"judge/requests: 0\b", second.stdout) and re.search(r"judge/cache_hits: 3\b", second.stdout)
 
     assert [r["id"] for r in out] == ["same", "one-char", "colon", "blank", "case", "wrong", "7"]
     by_id = {r["id"]: r for r in out}
@@ -127,7 +128,7 @@ def test_bad_input_line_is_one_line_error_with_exit_code_2(tmp_path, lines, mess
     ([], "error: input= is required"),
     (["input=in.jsonl"], "error: output= is required"),
     (["input=nowhere.jsonl", "output=out.jsonl"], "error: input=nowhere.jsonl does not exist"),
-    (["input=x", "output=y", "+reward.weights.accuracy=1"], "error: reward.weights.accuracy is not a reward"),
+    (["input=x", "output=y", "+reward.weights.accuracy=1"], "error: reward.weights.accuracy names no component"),
 ])
 def test_usage_errors_are_one_line(tmp_path, args, message):
     done = run_score(tmp_path, *args, "judge=rule")

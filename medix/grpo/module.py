@@ -35,7 +35,7 @@ class Scored:
     @property
     def overall(self) -> torch.Tensor:
         """The overall reward per completion; NaN where it was not scored (a judge failure, left out)."""
-        return torch.tensor([float("nan") if r is None else r for r in self.rewards.overall], dtype=torch.float32)
+        return scores_of(self.rewards, "overall")
 
     def groups(self, groups: list[int]) -> "Scored":
         rows = [g * self.group_size + j for g in groups for j in range(self.group_size)]
@@ -269,9 +269,12 @@ class GRPOModule(L.LightningModule):
             self.sampled_rewards.update(part.rewards)
         rewards = self.sampled_rewards.compute()
         self.sampled_rewards.reset()
-        groups = [len(part.prompts) for part in sampled]
-        flat = sum(frac_reward_zero_std(part.overall, G) * n for part, n in zip(sampled, groups))
-        rewards["frac_reward_zero_std"] = self.sum_across_ranks(flat) / max(self.sum_across_ranks(sum(groups)), 1.0)
+        groups = self.sum_across_ranks(sum(len(part.prompts) for part in sampled))
+        weights = getattr(self.reward, "weights", dict.fromkeys(self.reward.names, 1.0))
+        for name in ["overall", *[n for n, w in weights.items() if w > 0]]:  # groups whose rewards are all equal
+            flat = sum(frac_reward_zero_std(scores_of(part.rewards, name), G) * len(part.prompts) for part in sampled)
+            key = "frac_reward_zero_std" if name == "overall" else f"frac_reward_zero_std/{name}"
+            rewards[key] = self.sum_across_ranks(flat) / max(groups, 1.0)
         if self.algo.dynamic_sampling.enabled:
             self.kept_rewards.update(trained.rewards)
             rewards.update({f"kept/{k}": v for k, v in self.kept_rewards.compute().items()})
@@ -336,6 +339,12 @@ class GRPOModule(L.LightningModule):
         if self._resumed_rng is not None:  # after the data loaders drew their seeds, as in the uninterrupted run
             restore_rng(self._resumed_rng)
             self._resumed_rng = None
+
+
+def scores_of(rewards: RewardBatch, name: str) -> torch.Tensor:
+    """One component's scores (or `overall`) as a float tensor, NaN where not scored."""
+    values = rewards.overall if name == "overall" else rewards.components[name]
+    return torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32)
 
 
 def engine_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
