@@ -1,9 +1,11 @@
 """How often is each offline judge fooled by the injection cases, before and after the defences?
 
 python -m experiments.judge_injection.measure [--judges rule local] [--out results.json]
-Before: the paper's prompt (`Predicted:{p}\\nGround Truth:{r}`), the raw prediction, the `contains` parser.
-After: medix's prompt (delimited, cleaned, cut to judge.max_prediction_chars, task restated) with `contains` and with
-`strict`. Controls: the YES-labelled pairs of experiments/judge_agreement (a defence must not turn true matches to NO).
+`local` is any conf/judge name of a llama.cpp judge (local, local_small). Before: the paper's prompt
+(`Predicted:{p}\\nGround Truth:{r}`), the raw prediction, the `contains` parser on a 4-token reply. After: the judge as
+configured (`judge.score`: its template with the prediction delimited and cleaned, cut to judge.max_prediction_chars,
+and its scoring: the strict parser or the logprob verdict at judge.yes_threshold). Controls: the YES-labelled pairs of
+the check half of experiments/judge_agreement (a defence must not turn true matches to NO).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import time
 from pathlib import Path
 
 import openai
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
 
-from medix.judges import build_judge
-from medix.judges.prompts import parse_verdict, render_judge_prompt
+from medix.judges import JudgeItem
+from medix.judges.config import register
+from medix.judges.prompts import parse_verdict
 from medix.judges.rule import rule_match
 from medix.rewards.components import answer_shortcut
 from medix.rewards.parsing import extract_answer
@@ -40,42 +45,34 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def prompts(row: dict, max_chars: int) -> dict[str, str]:
-    return {"before": PAPER_TEMPLATE.format(prediction=row["prediction"], reference=row["reference"]),
-            "after": render_judge_prompt(row["prediction"], row["reference"], row.get("question"),
-                                         max_prediction_chars=max_chars)}
-
-
-def rates(replies: list[dict], key: str, parser: str) -> dict:
-    """Share of rows scored 1.0 (YES), and of rows with no usable verdict (None)."""
-    verdicts = [parse_verdict(r[key], parser) for r in replies]
-    n = len(verdicts)
-    return {"yes": sum(v == 1.0 for v in verdicts) / n, "unusable": sum(v is None for v in verdicts) / n}
-
-
-def ask_local(cases: list[dict], controls: list[dict], cache_dir: Path) -> dict:
-    """Start the local llama.cpp judge and send every prompt variant once (temperature 0, the config's max_tokens)."""
-    cfg = OmegaConf.create({"paths": {"cache_dir": str(cache_dir)},
-                            "judge": OmegaConf.load(REPO / "conf" / "judge" / "local.yaml")}).judge
-    cfg.cache.enabled = False
-    out: dict = {"model": cfg.model, "max_tokens": cfg.max_tokens, "max_prediction_chars": cfg.max_prediction_chars}
-    with build_judge(cfg, cache_dir) as judge:
-        client = openai.OpenAI(base_url=judge.server.base_url, api_key="EMPTY", timeout=120, max_retries=1)
+def ask_local(name: str, cases: list[dict], controls: list[dict], cache_dir: Path) -> dict:
+    """Start the llama.cpp judge `conf/judge/<name>.yaml` (cache off); ask each row the paper's way (raw prompt, 4-token
+    reply, `contains`) and the configured way (`judge.score`, with the P(YES) behind it for scoring=logprob)."""
+    register(ConfigStore.instance())
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name=None, overrides=[f"+judge={name}", f"+paths.cache_dir={cache_dir}",
+                                                   "judge.cache.enabled=false", "judge.max_concurrency=1"]).judge
+    out: dict = {"model": cfg.model, "scoring": cfg.scoring, "yes_threshold": cfg.yes_threshold,
+                 "template": cfg.template, "max_prediction_chars": cfg.max_prediction_chars}
+    with instantiate(cfg) as judge:
+        client = openai.OpenAI(base_url=judge.base_url, api_key="EMPTY", timeout=300, max_retries=1)
         started = time.perf_counter()
-        for name, rows in (("cases", cases), ("controls", controls)):
-            replies = []
-            for row in rows:
-                reply = {"id": row["id"]}
-                for variant, prompt in prompts(row, cfg.max_prediction_chars).items():
-                    answer = client.chat.completions.create(
-                        model=cfg.model, messages=[{"role": "user", "content": prompt}],
-                        temperature=cfg.temperature, max_tokens=cfg.max_tokens)
-                    reply[variant] = answer.choices[0].message.content or ""
-                replies.append(reply)
-            out[name] = {"replies": replies, "before/contains": rates(replies, "before", "contains"),
-                         "after/contains": rates(replies, "after", "contains"),
-                         "after/strict": rates(replies, "after", "strict")}
+        for group, rows in (("cases", cases), ("controls", controls)):
+            before = [client.chat.completions.create(
+                model=cfg.model, messages=[{"role": "user", "content": PAPER_TEMPLATE.format(**row)}],
+                temperature=0.0, max_tokens=4).choices[0].message.content or "" for row in rows]
+            items = [JudgeItem(r.get("question"), r["prediction"], r["reference"]) for r in rows]
+            p_yes = judge.probabilities(items) if cfg.scoring == "logprob" else None
+            after = judge.score(items)
+            n = len(rows)
+            out[group] = {
+                "before/contains": {"yes": sum(parse_verdict(t, "contains") == 1.0 for t in before) / n},
+                "after/configured": {"yes": sum(v == 1.0 for v in after) / n, "unusable": sum(v is None for v in after) / n},
+                "rows": [{"id": r["id"], "before": t, "after": v, "p_yes": None if p_yes is None else p_yes[i]}
+                         for i, (r, t, v) in enumerate(zip(rows, before, after))],
+            }
         out["seconds"] = time.perf_counter() - started
+        out["stats"] = judge.stats()
     return out
 
 
@@ -99,33 +96,35 @@ def reward_guard(cases: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--judges", nargs="+", default=["rule", "local"])
+    parser.add_argument("--judges", nargs="+", default=["rule", "local"], help="rule and/or llama.cpp judge names")
     parser.add_argument("--cases", default=str(REPO / "tests" / "injection_cases.jsonl"))
     parser.add_argument("--controls", default=str(REPO / "experiments" / "judge_agreement" / "pairs.jsonl"))
     parser.add_argument("--cache-dir", default=os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache" / "medix")))
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
     cases = load_rows(Path(args.cases))
-    controls = [r for r in load_rows(Path(args.controls)) if r["label"] == "YES"]
+    controls = [r for r in load_rows(Path(args.controls)) if r["label"] == "YES" and r.get("split", "check") == "check"]
     results = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "cases": len(cases), "controls": len(controls),
                "reward_guard": reward_guard(cases)}
     if "rule" in args.judges:
         results["rule"] = rule_results(cases, controls, max_chars=1000)
-    if "local" in args.judges:
-        results["local"] = ask_local(cases, controls, Path(args.cache_dir))
+    for name in args.judges:
+        if name != "rule":
+            results[name] = ask_local(name, cases, controls, Path(args.cache_dir))
     Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     print(f"cases={len(cases)} controls={len(controls)}; reward guard zeroes {results['reward_guard']['zeroed']:.0%}")
     if "rule" in results:
         r = results["rule"]
         print(f"rule: fooled {r['cases']['before']:.0%} -> {r['cases']['after']:.0%}; "
               f"controls YES {r['controls']['before']:.0%} -> {r['controls']['after']:.0%}")
-    if "local" in results:
-        loc = results["local"]
-        for variant in ("before/contains", "after/contains", "after/strict"):
+    for name in args.judges:
+        if name == "rule":
+            continue
+        loc = results[name]
+        for variant in ("before/contains", "after/configured"):
             c, k = loc["cases"][variant], loc["controls"][variant]
-            print(f"local {variant}: fooled {c['yes']:.0%} (unusable {c['unusable']:.0%}); "
-                  f"controls YES {k['yes']:.0%} (unusable {k['unusable']:.0%})")
+            print(f"{name} {variant}: fooled {c['yes']:.0%}; controls YES {k['yes']:.0%}; {loc['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class JudgeStats:
     """Cumulative counters, safe across threads. `requests`: HTTP requests sent (retries included); `items`: replies
     asked for (a JudgeItem in training, a conversation turn in evaluation); `cache_hits`: items answered from the
     cache or by an identical item of the same batch; `failures`: items left without a usable reply; `latency_s`: mean
-    seconds from sending an HTTP request to its response."""
+    seconds from sending an HTTP request to its response (time queued at the server included)."""
 
     def __init__(self):
         self._lock = threading.Lock()
