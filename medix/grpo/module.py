@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,19 @@ from medix.rollout.base import Rollout, Sampling, concat_rollouts, select_rows
 
 @dataclass
 class Scored:
-    """Prompts, their G completions each (consecutive rows), and every reward of every completion."""
+    """Prompts, their G completions each (consecutive rows), and every reward of every completion (`rewards`, which
+    waits for them when they are still being computed in the background)."""
 
     prompts: PromptBatch
     rollout: Rollout
-    rewards: RewardBatch
+    scores: RewardBatch | Future
     group_size: int
+
+    @property
+    def rewards(self) -> RewardBatch:
+        if isinstance(self.scores, Future):
+            self.scores = self.scores.result()
+        return self.scores
 
     @property
     def overall(self) -> torch.Tensor:
@@ -76,6 +84,7 @@ class GRPOModule(L.LightningModule):
         self.sampled_rewards = RewardStatistics(reward.names)
         self.kept_rewards = RewardStatistics(reward.names)
         self.val_rewards = RewardStatistics(reward.names)
+        self.reward_thread = ThreadPoolExecutor(1, thread_name_prefix="medix-reward")
         self.timings: dict[str, float] = {}
         self._step_start_state = None  # the RNG states at the start of the running step (what a resume redoes)
         self._resumed_rng = None
@@ -109,10 +118,7 @@ class GRPOModule(L.LightningModule):
         self._step_start_state = (rng_state(), self.refill_rng.getstate())
         self.timings = {"rollout": 0.0, "reward": 0.0}
         sampled, trained = self.collect(batch)  # rollout → reward; DAPO keeps informative groups and refills
-        rewards = trained.overall
-        advantages = group_advantages(rewards, self.algo.group_size, scale=self.algo.advantage_scale,
-                                      eps=self.algo.eps)
-        metrics = self.update(trained.rollout, rewards, advantages)  # clipped policy-gradient mini-batch updates
+        metrics = self.update(trained)  # advantages, then the clipped policy-gradient mini-batch updates
         metrics.update(self.engine.sync(self.backbone))  # the engine samples the next step from the new weights
         self.grpo_step += 1
         self._step_start_state = None
@@ -123,7 +129,7 @@ class GRPOModule(L.LightningModule):
         """Every scored rollout of this step, and what to train on. With dynamic sampling (DAPO), groups whose mean
         reward is ~0 or ~1 (no signal) are dropped and fresh prompts rolled out, up to `max_tries` rollouts."""
         dyn, G = self.algo.dynamic_sampling, self.algo.group_size
-        sampled = [self.score(batch)]
+        sampled = [self.score(batch, background=not dyn.enabled)]  # DAPO's filter needs the rewards at once
         if not dyn.enabled:
             return sampled, sampled[0]
         kept: list[Scored] = []
@@ -141,32 +147,31 @@ class GRPOModule(L.LightningModule):
         trained = Scored.concat(kept, self.backbone.tokenizer.pad_token_id)
         return sampled, trained.groups(list(range(min(len(batch), len(trained.prompts)))))
 
-    def score(self, batch: PromptBatch, group_size: int | None = None) -> Scored:
-        """Roll out `group_size` completions per prompt and score each with the reward."""
+    def score(self, batch: PromptBatch, group_size: int | None = None, background: bool = False) -> Scored:
+        """Roll out `group_size` completions per prompt and score each with the reward (in a background thread:
+        the judge's requests then overlap the update's log-prob forwards, which do not need rewards)."""
         G = group_size or self.algo.group_size
         t0 = time.perf_counter()
         prompts = [self.backbone.render(s, self.reasoning_tag) for s in batch.samples]
         rollout = self.engine.generate(self.backbone, prompts, batch.images, group_size=G, sampling=self.sampling)
-        t1 = time.perf_counter()
+        self.timings["rollout"] = self.timings.get("rollout", 0.0) + time.perf_counter() - t0
         each = [s for s in batch.samples for _ in range(G)]
-        rewards = self.reward(rollout.texts, [s.solution for s in each], questions=[s.problem for s in each],
-                              ids=[s.id for s in each])
-        self.timings["rollout"] = self.timings.get("rollout", 0.0) + t1 - t0
-        self.timings["reward"] = self.timings.get("reward", 0.0) + time.perf_counter() - t1
-        return Scored(batch, rollout, rewards, G)
 
-    def update(self, rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+        def reward() -> RewardBatch:
+            started = time.perf_counter()
+            scores = self.reward(rollout.texts, [s.solution for s in each], questions=[s.problem for s in each],
+                                 ids=[s.id for s in each])
+            self.timings["reward"] = self.timings.get("reward", 0.0) + time.perf_counter() - started
+            return scores
+
+        return Scored(batch, rollout, self.reward_thread.submit(reward) if background else reward(), G)
+
+    def update(self, trained: Scored) -> dict[str, float]:
         """`num_iterations` passes over the rollout in mini-batches of `mini_batch_size` completions, one optimizer
         step each. Data-parallel ranks take as many steps as the rank with the most mini-batches (the others add
         empty ones) and normalise each loss by the mini-batch's token (or row) count over every rank."""
         t0 = time.perf_counter()
-        algo = self.algo
-        device = rollout.input_ids.device
-        advantages = advantages.to(device)
-        mask = rollout.completion_mask.float()
-        mask[torch.isnan(rewards).to(device)] = 0.0  # judge failures excluded: no gradient from them
-        if algo.mask_truncated:
-            mask[rollout.truncated] = 0.0
+        algo, rollout = self.algo, trained.rollout
         size = min(int(algo.mini_batch_size), len(rollout))
         chunks = [list(range(i, min(i + size, len(rollout)))) for i in range(0, len(rollout), size)]
         n_real = len(chunks)
@@ -174,6 +179,15 @@ class GRPOModule(L.LightningModule):
         reuse_logp = algo.num_iterations == 1 and len(chunks) == 1  # on-policy single update: old = current, detached
         old_logp = None if reuse_logp else self.score_rows(rollout, chunks[:n_real], self.model)
         ref_logp = self.reference_logprobs(rollout, chunks[:n_real]) if algo.beta > 0 else None
+        waiting = time.perf_counter()
+        rewards = trained.overall  # the first thing here that needs the rewards
+        self.timings["reward_wait"] = time.perf_counter() - waiting
+        device = rollout.input_ids.device
+        advantages = group_advantages(rewards, algo.group_size, scale=algo.advantage_scale, eps=algo.eps).to(device)
+        mask = rollout.completion_mask.float()
+        mask[torch.isnan(rewards).to(device)] = 0.0  # judge failures excluded: no gradient from them
+        if algo.mask_truncated:
+            mask[rollout.truncated] = 0.0
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         totals: dict[str, list[float]] = {}
         engine_logp, correction = rollout.engine_logprobs, algo.mismatch_correction
@@ -218,7 +232,7 @@ class GRPOModule(L.LightningModule):
                     m["entropy"] = float((entropy * part_mask).sum() / part_mask.sum().clamp(min=1.0))
                     for k, v in m.items():
                         totals.setdefault(k, []).append(v)
-        self.timings["update"] = time.perf_counter() - t0
+        self.timings["update"] = time.perf_counter() - t0 - self.timings["reward_wait"]
         gaps = totals.pop("engine", [])
         metrics = {k: sum(v) / len(v) for k, v in totals.items()}
         if gaps:  # |engine - trainer| log-prob of the sampled tokens: a broken or stale sync shows here
@@ -314,7 +328,8 @@ class GRPOModule(L.LightningModule):
         """The trained policy under `root`: adapter/ (LoRA) or model/ (full fine-tune), written by rank 0. A sharded
         policy (FSDP) is gathered into one Hugging Face folder (model/, a LoRA adapter merged), every rank taking part."""
         if is_sharded(self.model):
-            return save_full_pretrained(self.model, self.backbone.tokenizer, Path(root) / "model")
+            saver = self.backbone.processor or self.backbone.tokenizer  # a VLM's processor holds its tokenizer
+            return save_full_pretrained(self.model, saver, Path(root) / "model")
         folder = Path(root) / self.backbone.trained_folder_name()
         if self.global_rank == 0:
             self.backbone.save_trained(folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from medix.errors import MedixError
+from medix.errors import ConfigError, MedixError
 from medix.models.base import Backbone, Encoded
 from medix.models.loading import (apply_lora, enable_activation_checkpointing, freeze_vision_tower, model_folder,
                                   torch_dtype)
@@ -54,6 +54,10 @@ def load_qwen_vl(*, name: str, source: str, model: str, gguf=None, dtype: str = 
                  train_vision_tower: bool = True, cache_dir: str) -> QwenVL:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if lora is not None and lora.enabled and train_vision_tower:
+        raise ConfigError(f"backbone={name}: LoRA trains only its adapters, so backbone.train_vision_tower=true would "
+                          "leave the vision tower frozen without saying so; set backbone.train_vision_tower=false with "
+                          "LoRA, or backbone.lora.enabled=false for a full fine-tune (the paper's)")
     path = model_folder(name=name, source=source, model=model, gguf=gguf, cache_dir=cache_dir)
     try:
         processor = AutoProcessor.from_pretrained(path)
