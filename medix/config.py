@@ -297,6 +297,9 @@ class TrainConfig:
     logger: Any = MISSING
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     paths: Paths = field(default_factory=Paths)
+    # Validation with another reward than training's (e.g. every mix of an ablation judged by the composite):
+    # `+reward@val_reward=composite`; null = the training reward.
+    val_reward: Any = None
     reasoning_tag: str = "thinking"
     seed: int = 0
     optimize_metric: Optional[str] = None

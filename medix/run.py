@@ -37,11 +37,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build(cfg.dataset)
     datamodule.setup("fit")  # a bad row stops the run here, before any model is loaded
     reward = build(cfg.reward)  # only the components with a positive weight (embed_only starts no judge)
+    val_reward = build(cfg.val_reward) if cfg.val_reward else None
     engine = build(cfg.rollout)
     logger = build(cfg.logger, run_id=checkpoint_run_id(checkpoint), **run_identity(cfg)) if cfg.logger else None
-    with recorded(logger, cfg, output_dir, reward, engine):
+    with recorded(logger, cfg, output_dir, reward, engine, *([val_reward] if val_reward else [])):
         backbone = build(cfg.backbone)
-        module = GRPOModule(backbone, engine, reward, cfg.algorithm, reasoning_tag=cfg.reasoning_tag, seed=cfg.seed)
+        module = GRPOModule(backbone, engine, reward, cfg.algorithm, reasoning_tag=cfg.reasoning_tag, seed=cfg.seed,
+                            val_reward=val_reward)
         callbacks = [build(c) for c in cfg.callbacks.values()]
         trainer = build(cfg.trainer, callbacks=callbacks, logger=logger)
         if logger is not None and trainer.is_global_zero and checkpoint is None:  # a resumed run has them

@@ -177,3 +177,30 @@ def test_dapo_reward_statistics_cover_every_sampled_group_and_the_kept_ones_apar
     others_flat = len(set(kept)) == 1
     assert step["frac_reward_zero_std"] == pytest.approx((1 + others_flat) / PROMPTS)
     assert step["dapo/kept_groups"] == PROMPTS - 1 and step["dapo/tries"] == 1
+
+
+class LengthReward(TargetWordReward):
+    """A validation reward of another shape: the completion's word count / max_new_tokens, component `length`."""
+
+    names = ["length"]
+
+    def __call__(self, completions, solutions, **columns) -> RewardBatch:
+        scores = [len(text.split()) / self.max_new_tokens for text in completions]
+        self.history.extend(scores)  # every validation row's score
+        return RewardBatch(components={"length": scores}, overall=scores)
+
+
+def test_validation_scores_with_its_own_reward_when_one_is_given():
+    torch.manual_seed(0)
+    train_reward, val_reward = TargetWordReward(max_new_tokens=TOKENS), LengthReward(max_new_tokens=TOKENS)
+    algo = grpo()
+    module = GRPOModule(tiny_backbone(lora=True), HFEngine(), train_reward, algo, reasoning_tag="thinking",
+                        val_reward=val_reward)
+    data = PromptDataModule.from_samples(word_samples(8), word_samples(3), batch_size=PROMPTS, seed=0)
+    logger = memory_logger()
+    trainer(max_steps=1, logger=logger, val_check_interval=1).fit(module, datamodule=data)
+    logged = {k: v for step in logger.steps.values() for k, v in step.items()}
+    assert len(val_reward.history) == 3 and len(train_reward.history) == 1  # each reward scored its own stage
+    assert "val/reward/length/mean" in logged and "val/reward/target/mean" not in logged
+    assert "reward/target/mean" in logged and "reward/length/mean" not in logged
+    assert logged["val/reward/overall/mean"] == pytest.approx(sum(val_reward.history) / 3)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The reward-design ablation at CPU scale (see README.md): one Hydra multirun, four reward mixes, same seed and data.
-# Usage (from the repository root, venv active or PYTHON=.venv/bin/python): bash experiments/reward_ablation/run.sh
+# The reward-design ablation at CPU scale (see README.md): one Hydra multirun, four reward mixes, the same seed, data,
+# warm start and judge (the offline judge=local, Qwen2.5-Coder-1.5B); every mix validated with the composite reward.
+# Usage (from the repository root): PYTHON=.venv/bin/python bash experiments/reward_ablation/run.sh [overrides]
 set -euo pipefail
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-"${PYTHON:-python}" -m medix.run -m reward=composite,llm_only,embed_only,llm_embed \
-  judge=rule reward.embedding_mode=continuous \
-  algorithm.lr=1e-4 algorithm.group_size=4 algorithm.prompts_per_step=2 algorithm.max_new_tokens=48 \
-  trainer.max_steps=5 trainer.val_every=5 dataset.val_size=8 \
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+"${PYTHON:-python}" -m medix.run -m reward=composite,llm_only,embed_only,llm_embed +reward@val_reward=composite \
+  algorithm.lr=3e-4 trainer.max_steps=16 trainer.val_check_interval=8 \
+  callbacks.samples.every_n_steps=1 callbacks.reward_hacking.window=6 \
   logger.tracking_uri=sqlite:///experiments/reward_ablation/mlflow.db logger.experiment_name=reward_ablation \
-  logger.sample_table_every=5 hydra.sweep.dir=outputs/reward_ablation/$(date +%Y-%m-%d_%H-%M-%S) "$@"
+  hydra.sweep.dir=outputs/reward_ablation/$(date +%Y-%m-%d_%H-%M-%S) "$@"

@@ -61,7 +61,7 @@ class GRPOModule(L.LightningModule):
     """One training step = one GRPO step: `prompts_per_step` prompts × `group_size` completions, scored, and the
     policy updated in mini-batches. Logs `reward/<c>/mean|std`, `loss`, `kl`, `clip_ratio`, `entropy`, ..."""
 
-    def __init__(self, backbone, engine, reward, algorithm, *, reasoning_tag: str, seed: int = 0):
+    def __init__(self, backbone, engine, reward, algorithm, *, reasoning_tag: str, seed: int = 0, val_reward=None):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights (with LoRA: the adapter)
@@ -69,6 +69,7 @@ class GRPOModule(L.LightningModule):
         self.model = backbone.model
         self.engine = engine
         self.reward = reward
+        self.val_reward = val_reward if val_reward is not None else reward
         self.algo = algorithm
         self.reasoning_tag = reasoning_tag
         self.sampling = Sampling(max_new_tokens=algorithm.max_new_tokens, temperature=algorithm.temperature,
@@ -83,7 +84,7 @@ class GRPOModule(L.LightningModule):
         object.__setattr__(self, "ref_model", reference)
         self.sampled_rewards = RewardStatistics(reward.names)
         self.kept_rewards = RewardStatistics(reward.names)
-        self.val_rewards = RewardStatistics(reward.names)
+        self.val_rewards = RewardStatistics(self.val_reward.names)
         self.reward_thread = ThreadPoolExecutor(1, thread_name_prefix="medix-reward")
         self.timings: dict[str, float] = {}
         self._step_start_state = None  # the RNG states at the start of the running step (what a resume redoes)
@@ -147,7 +148,8 @@ class GRPOModule(L.LightningModule):
         trained = Scored.concat(kept, self.backbone.tokenizer.pad_token_id)
         return sampled, trained.groups(list(range(min(len(batch), len(trained.prompts)))))
 
-    def score(self, batch: PromptBatch, group_size: int | None = None, background: bool = False) -> Scored:
+    def score(self, batch: PromptBatch, group_size: int | None = None, background: bool = False,
+              reward=None) -> Scored:
         """Roll out `group_size` completions per prompt and score each with the reward (in a background thread:
         the judge's requests then overlap the update's log-prob forwards, which do not need rewards)."""
         G = group_size or self.algo.group_size
@@ -156,15 +158,16 @@ class GRPOModule(L.LightningModule):
         rollout = self.engine.generate(self.backbone, prompts, batch.images, group_size=G, sampling=self.sampling)
         self.timings["rollout"] = self.timings.get("rollout", 0.0) + time.perf_counter() - t0
         each = [s for s in batch.samples for _ in range(G)]
+        reward_fn = reward or self.reward
 
-        def reward() -> RewardBatch:
+        def judged() -> RewardBatch:
             started = time.perf_counter()
-            scores = self.reward(rollout.texts, [s.solution for s in each], questions=[s.problem for s in each],
-                                 ids=[s.id for s in each])
+            scores = reward_fn(rollout.texts, [s.solution for s in each],
+                               questions=[s.problem for s in each], ids=[s.id for s in each])
             self.timings["reward"] = self.timings.get("reward", 0.0) + time.perf_counter() - started
             return scores
 
-        return Scored(batch, rollout, self.reward_thread.submit(reward) if background else reward(), G)
+        return Scored(batch, rollout, self.reward_thread.submit(judged) if background else judged(), G)
 
     def update(self, trained: Scored) -> dict[str, float]:
         """`num_iterations` passes over the rollout in mini-batches of `mini_batch_size` completions, one optimizer
@@ -189,6 +192,7 @@ class GRPOModule(L.LightningModule):
         if algo.mask_truncated:
             mask[rollout.truncated] = 0.0
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        self.model.train()  # HF models load in eval mode; activation checkpointing acts in train mode only
         totals: dict[str, list[float]] = {}
         engine_logp, correction = rollout.engine_logprobs, algo.mismatch_correction
         for iteration in range(int(algo.num_iterations)):
@@ -260,7 +264,7 @@ class GRPOModule(L.LightningModule):
     def validation_step(self, batch: PromptBatch, batch_idx: int):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # validation never shifts the training run's sampling
-            scored = self.score(batch, group_size=1)
+            scored = self.score(batch, group_size=1, reward=self.val_reward)
         self.val_rewards.update(scored.rewards, rows=[i for i, counted in enumerate(batch.counted) if counted])
         return {"scored": scored}
 
@@ -308,6 +312,23 @@ class GRPOModule(L.LightningModule):
         self.log("step_s", step_s, prog_bar=True, logger=False, sync_dist=True)
         self.log("step", float(self.grpo_step), prog_bar=True)  # MLflow step = GRPO step
         return rewards
+
+    def judge_stats(self) -> dict[str, float]:
+        """The judge counters of the training reward, plus those of the validation reward when it has its own
+        (counts added, latency weighted by requests)."""
+        parts = [self.reward.stats() if callable(getattr(self.reward, "stats", None)) else {}]
+        if self.val_reward is not self.reward and callable(getattr(self.val_reward, "stats", None)):
+            parts.append(self.val_reward.stats())
+        out: dict[str, float] = {}
+        for part in parts:
+            for key, value in part.items():
+                if key != "judge/latency_s":
+                    out[key] = out.get(key, 0.0) + value
+        requests = sum(p.get("judge/requests", 0.0) for p in parts)
+        if any("judge/latency_s" in p for p in parts):
+            out["judge/latency_s"] = sum(p.get("judge/latency_s", 0.0) * p.get("judge/requests", 0.0)
+                                         for p in parts) / requests if requests else 0.0
+        return out
 
     @property
     def world_size(self) -> int:

@@ -78,11 +78,11 @@ class JudgeStats(Callback):
         self.last: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.pending = (pl_module.grpo_step, pl_module.reward.stats())
+        self.pending = (pl_module.grpo_step, pl_module.judge_stats())
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if self.pending is not None:
-            self.pending = (self.pending[0], pl_module.reward.stats())
+            self.pending = (self.pending[0], pl_module.judge_stats())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.flush(trainer, pl_module)
