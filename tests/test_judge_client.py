@@ -21,7 +21,7 @@ from fake_openai import FakeHTTPError, FakeOpenAIServer, always
 from medix.errors import ConfigError, JudgeError
 from medix.judges import JudgeItem, LocalJudge, OpenAIJudge, RuleJudge
 from medix.judges.config import register
-from medix.judges.local_server import free_port
+from medix.server_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STATS_KEYS = {"judge/requests", "judge/items", "judge/cache_hits", "judge/failures", "judge/latency_s"}

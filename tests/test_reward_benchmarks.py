@@ -24,7 +24,7 @@ class CountingJudge:
         return [0.0] * len(items)
 
     def stats(self):
-        return {"judge/calls": float(len(self.items))}
+        return {"judge/requests": float(len(self.items))}
 
 
 class CountingEmbedder:

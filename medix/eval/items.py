@@ -1,4 +1,5 @@
-"""Benchmark items: the normalised record schema of /work/shared/benchmarks, checks, and what model and judge see."""
+"""Benchmark items: the normalised record schema (one JSON object per line: id, question, answer; optional choices,
+answer_label, image, contexts, long_answer, modality), its checks, and what model and judge see."""
 
 from __future__ import annotations
 

@@ -48,7 +48,9 @@ def task_specs(bench: DictConfig) -> list[TaskSpec]:
             raise ConfigError(f"benchmark.tasks.{name}.modality={raw['modality']!r}; expected one of {MODALITIES}")
         if raw["source"] == "local":
             if not bench.get("path"):
-                raise ConfigError("benchmark=local needs benchmark.path=<file.jsonl> (schema: /work/shared/benchmarks README)")
+                raise ConfigError("benchmark=local needs benchmark.path=<file.jsonl>: one JSON object per line with "
+                                  "id, question, answer (and optional choices, answer_label, image, contexts, "
+                                  "modality), as medix/eval/items.py checks")
             name = bench.get("name") or local_task_name(bench.path)
         specs.append(TaskSpec(name=str(name), source=raw["source"], folder=raw.get("folder"), hub=raw.get("hub"),
                               fields=raw.get("fields"), filter=raw.get("filter"), scoring=raw["scoring"],

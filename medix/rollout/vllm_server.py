@@ -3,11 +3,9 @@ n completions per prompt with the sampled token ids and their sampling log-probs
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 import openai
 
 from medix.errors import MedixError
-from medix.judges.local_server import free_port
+from medix.server_process import ServerProcess, serves
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -99,11 +97,16 @@ def check_python(python: Path, env: dict[str, str] | None = None) -> None:
                         "rollout.server.python at a Python that has vllm installed")
 
 
-class VLLMServer:
+class VLLMServer(ServerProcess):
     """One `vllm.entrypoints.openai.api_server` subprocess serving the HF folder (or hub id) `model` as
     `served_model_name`, from interpreter `python`; its output goes to `log_path`. For full-weight updates serve a
     folder written by `save_for_reload` (with `tokenizer` = the original folder). Use as a context manager; it is
     also stopped at exit, and it dies with the process that started it (start it from a long-lived thread)."""
+
+    error = VLLMError
+    timeout_key = "rollout.server.startup_timeout_s"
+    own_session = True  # stop() signals the whole group (the API server and its engine-core process)
+    poll_s = 0.5
 
     def __init__(self, model: str | Path, *, python: str | Path | None = None, served_model_name: str = "policy",
                  tokenizer: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
@@ -112,12 +115,12 @@ class VLLMServer:
                  kv_cache_space_gib: float = 2, cpu_threads_bind: str | None = "auto", seed: int = 0,
                  extra_args: tuple[str, ...] | list[str] = (), env: dict[str, str] | None = None,
                  startup_timeout_s: float = 600.0, log_path: str | Path | None = None):
+        super().__init__(host=host, port=port, startup_timeout_s=startup_timeout_s, log_path=log_path or
+                         Path(tempfile.gettempdir()) / f"medix-vllm-{os.getpid()}-{id(self):x}.log")
         self.model = str(model)
         self.python = Path(python) if python is not None else DEFAULT_PYTHON
         self.served_model_name = served_model_name
         self.tokenizer = None if tokenizer is None else str(tokenizer)
-        self.host = host
-        self.port = port
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.max_lora_rank = max_lora_rank
@@ -128,99 +131,39 @@ class VLLMServer:
         self.seed = seed
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
-        self.startup_timeout_s = startup_timeout_s
-        self.log_path = Path(log_path) if log_path is not None else \
-            Path(tempfile.gettempdir()) / f"medix-vllm-{os.getpid()}-{id(self):x}.log"
-        self.process: subprocess.Popen | None = None
-        self.startup_s: float | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def describe(self) -> str:
+        return f"vLLM server {self.url}"
 
-    @property
-    def base_url(self) -> str:
-        """The OpenAI-compatible root (`.../v1`)."""
-        return f"{self.url}/v1"
+    def environment(self) -> dict[str, str]:
+        return server_env(self.kv_cache_space_gib, self.cpu_threads_bind, self.extra_env)
 
-    def start(self) -> "VLLMServer":
-        env = server_env(self.kv_cache_space_gib, self.cpu_threads_bind, self.extra_env)
+    def check(self, env) -> None:
         check_python(self.python, env)
-        if self.port is None:
-            self.port = free_port(self.host)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = server_command(self.python, self.model, self.served_model_name, self.host, self.port, dtype=self.dtype,
-                             max_model_len=self.max_model_len, max_lora_rank=self.max_lora_rank,
-                             max_loras=self.max_loras, block_size=self.block_size, seed=self.seed,
-                             tokenizer=self.tokenizer, extra_args=self.extra_args)
-        started = time.perf_counter()
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n$ {' '.join(c if c != LAUNCHER else '<launcher>' for c in cmd)}\n".encode())
-            log.flush()
-            # its own session: stop() signals the whole group (the API server and its engine-core process)
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, start_new_session=True)
-        atexit.register(self.stop)
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.perf_counter() - started
-        return self
+
+    def command(self) -> list[str]:
+        return server_command(self.python, self.model, self.served_model_name, self.host, self.port, dtype=self.dtype,
+                              max_model_len=self.max_model_len, max_lora_rank=self.max_lora_rank,
+                              max_loras=self.max_loras, block_size=self.block_size, seed=self.seed,
+                              tokenizer=self.tokenizer, extra_args=self.extra_args)
+
+    def shown(self, cmd: list[str]) -> list[str]:
+        return [c if c != LAUNCHER else "<launcher>" for c in cmd]
 
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=2) as reply:
                 if reply.status != 200:
                     return False
-            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as reply:
-                models = json.loads(reply.read()).get("data", [])
         except (urllib.error.URLError, OSError, ValueError, AttributeError):
             return False
-        return any(isinstance(m, dict) and m.get("id") == self.served_model_name for m in models)
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise VLLMError(f"vLLM server {self.url} exited with code {self.process.returncode} while starting; "
-                                f"last log lines from {self.log_path}:\n{self.log_tail()}")
-            if self.healthy():
-                return
-            time.sleep(0.5)
-        raise VLLMError(f"vLLM server {self.url} not healthy after rollout.server.startup_timeout_s="
-                        f"{self.startup_timeout_s:g}s; last log lines from {self.log_path}:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 25) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return serves(self.base_url, self.served_model_name)
 
     def stop(self, grace_s: float = 20.0) -> None:
-        atexit.unregister(self.stop)
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()  # the API server shuts its engine-core and worker processes down
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                signal_group(process.pid, signal.SIGKILL)
-                process.wait(timeout=grace_s)
-        signal_group(process.pid, signal.SIGKILL)  # whatever of the group outlived the API server
+        super().stop(grace_s)  # SIGTERM: the API server shuts its engine-core and worker processes down
 
     def client(self, **kwargs) -> "VLLMClient":
         return VLLMClient(self.base_url, self.served_model_name, **kwargs)
-
-    def __enter__(self) -> "VLLMServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def save_for_reload(model, out_dir: str | Path) -> Path:
@@ -255,13 +198,6 @@ def save_for_reload(model, out_dir: str | Path) -> Path:
         part.tie_word_embeddings = False
     config.save_pretrained(out_dir)
     return out_dir
-
-
-def signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class VLLMClient:
