@@ -24,10 +24,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def serves(base_url: str, model: str) -> bool:
-    """Whether an OpenAI-compatible server at `base_url` (`.../v1`) answers /models and lists `model`."""
+def serves(base_url: str, model: str, timeout_s: float = 2.0) -> bool:
+    """Whether an OpenAI-compatible server at `base_url` (`.../v1`) answers /models within `timeout_s` and lists
+    `model`."""
     try:
-        with urllib.request.urlopen(f"{base_url}/models", timeout=2) as reply:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as reply:
             models = json.loads(reply.read()).get("data", [])
     except (urllib.error.URLError, OSError, ValueError, AttributeError):
         return False

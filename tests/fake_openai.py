@@ -73,8 +73,10 @@ class FakeOpenAIServer:
         delay_s: float | Callable[[dict], float] = 0.0,
         top_logprobs: dict[str, float] | Callable[[dict], dict[str, float]] | None = None,
         model: str = "fake-judge",
+        models_delay_s: float = 0.0,
     ):
         self.handler = handler
+        self.models_delay_s = models_delay_s  # a busy single-slot server (llama.cpp) answers /models late
         self.delay_s = delay_s
         self.top_logprobs = top_logprobs
         self.model = model
@@ -100,6 +102,7 @@ class FakeOpenAIServer:
                 if self.path.rstrip("/") in ("/health", "/v1/health"):
                     self._send(200, {"status": "ok"})
                 elif self.path.rstrip("/") == "/v1/models":
+                    fake._closing.wait(fake.models_delay_s)
                     self._send(200, {"object": "list", "data": [{"id": fake.model, "object": "model"}]})
                 else:
                     self._send(404, {"error": {"message": f"no route {self.path}"}})

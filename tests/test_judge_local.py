@@ -161,3 +161,30 @@ def test_a_server_left_by_a_killed_run_is_joined_then_stopped(tmp_path):
     with local_judge("local_small", tmp_path) as judge:
         assert judge.base_url == left_url and judge.score([JudgeItem(None, "Pneumothorax", "pneumothorax")]) == [1.0]
     assert not port_open(port)
+
+
+def test_a_busy_server_is_joined_not_replaced_by_a_second_one(tmp_path):
+    """llama.cpp answers /models only between requests: a recorded server whose process lives but which answers late
+    (here 3 s) is joined; one whose process is gone is replaced."""
+    from fake_openai import FakeOpenAIServer
+
+    from medix.judges.local_server import SharedServer
+
+    started = []
+
+    def start():
+        started.append(True)
+        raise AssertionError("a second server was started")
+
+    with FakeOpenAIServer(model="busy", models_delay_s=3.0) as busy:
+        state = {"base_url": busy.base_url, "pid": os.getpid(), "users": [], "log": "-"}
+        (tmp_path / "k.json").write_text(json.dumps(state))
+        shared = SharedServer(tmp_path, "k", "busy", start, busy_wait_s=30)
+        assert shared.acquire() == busy.base_url and not started
+        assert json.loads((tmp_path / "k.json").read_text())["users"] == [os.getpid()]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "k.json").write_text(json.dumps({**state, "pid": gone.pid}))  # the server's process has exited
+    with pytest.raises(AssertionError, match="a second server"):
+        SharedServer(tmp_path, "k", "busy", start, busy_wait_s=30).acquire()
+    assert started == [True]

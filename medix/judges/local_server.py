@@ -99,13 +99,17 @@ class SharedServer:
     """One server per node for every process that asks for the same one (`key`): the first starts it (`start()`), the
     others find its address in `<state_dir>/<key>.json`, read and written under the file lock `<key>.lock`, which
     also lists the processes using it; the last one to release it stops it. A user that died is dropped from the list
-    by the next one that takes the lock; a server left behind by a killed run is joined while it still answers."""
+    by the next one that takes the lock; a server left behind by a killed run is joined while it still answers.
+    llama.cpp answers /models only between requests, so a live server process is waited for up to `busy_wait_s`
+    before it counts as gone (a busy server is not replaced by a second one)."""
 
-    def __init__(self, state_dir: Path, key: str, model_alias: str, start: Callable[[], LocalLlamaServer]):
+    def __init__(self, state_dir: Path, key: str, model_alias: str, start: Callable[[], LocalLlamaServer],
+                 busy_wait_s: float = 120.0):
         self.state_path = Path(state_dir) / f"{key}.json"
         self.lock_path = Path(state_dir) / f"{key}.lock"
         self.model_alias = model_alias
         self._start = start
+        self.busy_wait_s = busy_wait_s
         self.server: LocalLlamaServer | None = None  # set in the process that started it
         self.base_url: str | None = None
         self.started_here = False
@@ -114,7 +118,7 @@ class SharedServer:
         """The base URL of the node's server, started here if no live one exists."""
         with file_lock(self.lock_path):
             state = self._read()
-            if state is not None and serves(state["base_url"], self.model_alias):
+            if state is not None and self._answers(state):
                 state["users"] = [pid for pid in state["users"] if pid_alive(pid)] + [os.getpid()]
             else:
                 self.server = self._start()
@@ -138,11 +142,21 @@ class SharedServer:
             else:
                 if self.server is not None:
                     self.server.stop()
-                elif state is not None and serves(state["base_url"], self.model_alias):
+                elif state is not None and self._answers(state):
                     stop_pid(state["pid"], state["base_url"])
                 self.state_path.unlink(missing_ok=True)
         self.server = None
         self.base_url = None
+
+    def _answers(self, state: dict) -> bool:
+        """Whether the recorded server answers: at once, or, while its process lives, within `busy_wait_s`."""
+        deadline = time.monotonic() + self.busy_wait_s
+        while True:
+            if serves(state["base_url"], self.model_alias, timeout_s=10.0):
+                return True
+            if not pid_alive(int(state["pid"])) or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
 
     def _read(self) -> dict | None:
         try:
