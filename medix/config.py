@@ -145,6 +145,7 @@ class AlgorithmConfig:
     eps: float = 1.0e-6
     num_iterations: int = 1
     mini_batch_size: int = 8
+    micro_batch_size: Optional[int] = 4
     dynamic_sampling: DynamicSampling = field(default_factory=DynamicSampling)
     mask_truncated: bool = False
     lr: float = 1.0e-5

@@ -204,3 +204,24 @@ def test_validation_scores_with_its_own_reward_when_one_is_given():
     assert "val/reward/length/mean" in logged and "val/reward/target/mean" not in logged
     assert "reward/target/mean" in logged and "reward/length/mean" not in logged
     assert logged["val/reward/overall/mean"] == pytest.approx(sum(val_reward.history) / 3)
+
+
+def test_micro_batches_give_the_mini_batch_gradient():
+    """One mini-batch of 8 completions through micro-batches of 3 rows (3 + 3 + 2) takes the same optimizer step as
+    one forward/backward over all 8: the losses share the mini-batch's token count as denominator."""
+    after = {}
+    for micro in (None, 3):
+        backbone = tiny_backbone(lora=False, model=tiny_model(seed=0))
+        module, logger = fit(backbone, grpo(micro_batch_size=micro, weight_decay=0.0, beta=0.0))
+        assert_step_had_a_gradient(logger)
+        after[micro] = (snapshot(module.model), logger.steps[1]["loss"])
+    for name, weight in after[None][0].items():
+        torch.testing.assert_close(after[3][0][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert after[3][1] == pytest.approx(after[None][1], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("micro", [0, -1])
+def test_a_bad_micro_batch_size_names_the_key(micro):
+    with pytest.raises(ConfigError, match="algorithm.micro_batch_size"):
+        GRPOModule(tiny_backbone(lora=True), HFEngine(), TargetWordReward(), grpo(micro_batch_size=micro),
+                   reasoning_tag="thinking")

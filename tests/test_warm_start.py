@@ -11,7 +11,8 @@ import torch
 from medix.data import Sample
 from medix.data.tags import split_solution
 from medix.errors import ConfigError
-from medix.grpo.warm_start import IGNORE_INDEX, WarmStart, demonstration, supervised_batch, warm_start
+from medix.grpo.warm_start import (IGNORE_INDEX, WarmStart, backward_row_by_row, demonstration, supervised_batch,
+                                   warm_start)
 from medix.models.tiny_vlm import TinyVLMBackbone
 from medix.rewards.components import format_reward, modality_reward
 from tiny_lm import build_backbone, one_thread, save_tiny_model, word_tokenizer  # noqa: F401 (one_thread: a fixture)
@@ -147,3 +148,24 @@ def test_full_fine_tune_saves_a_model_folder_that_loads_back_in_place(tmp_path):
         build_backbone("smollm2_135m", **local, adapter=adapter, **{"lora.target_modules": "[q_proj]"})
     with pytest.raises(ConfigError, match="does not fit backbone.lora"):
         build_backbone("smollm2_135m", **local, adapter=adapter, **{"lora.r": 4})
+
+
+def test_one_row_at_a_time_gives_the_gradient_of_the_batch_mean_loss(tmp_path):
+    """The warm start runs one row per forward/backward (for memory); weighted by target tokens, the summed gradient
+    is the gradient of the padded batch's mean token loss (rows of different lengths, so the weights matter)."""
+    import copy
+
+    base = save_tiny_model(tmp_path / "base")
+    backbone = build_backbone("smollm2_135m", source="local", model=base, name="tiny_llama", gguf=None,
+                              **{"lora.enabled": False})
+    model = backbone.model.train()
+    reference = copy.deepcopy(model)
+    chosen = SAMPLES[:3]
+    batch = supervised_batch(chosen, backbone.tokenizer, "thinking", THINKING)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # rows of different lengths
+    loss = reference(**batch).loss
+    loss.backward()
+    rows = [supervised_batch([s], backbone.tokenizer, "thinking", THINKING) for s in chosen]
+    assert backward_row_by_row(model, rows, "cpu") == pytest.approx(loss.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -71,6 +71,10 @@ class GRPOModule(L.LightningModule):
         self.reward = reward
         self.val_reward = val_reward if val_reward is not None else reward
         self.algo = algorithm
+        micro = getattr(algorithm, "micro_batch_size", None)
+        if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
+            raise ConfigError(f"algorithm.micro_batch_size={micro!r}; expected an integer >= 1 or null (the whole "
+                              "mini-batch)")
         self.reasoning_tag = reasoning_tag
         self.sampling = Sampling(max_new_tokens=algorithm.max_new_tokens, temperature=algorithm.temperature,
                                  top_p=algorithm.top_p, min_new_tokens=algorithm.min_new_tokens)
@@ -171,7 +175,7 @@ class GRPOModule(L.LightningModule):
 
     def update(self, trained: Scored) -> dict[str, float]:
         """`num_iterations` passes over the rollout in mini-batches of `mini_batch_size` completions, one optimizer
-        step each. Data-parallel ranks take as many steps as the rank with the most mini-batches (the others add
+        step each, its gradient summed over forward/backward passes of `micro_batch_size` rows. Data-parallel ranks take as many steps as the rank with the most mini-batches (the others add
         empty ones) and normalise each loss by the mini-batch's token (or row) count over every rank."""
         t0 = time.perf_counter()
         algo, rollout = self.algo, trained.rollout
@@ -194,48 +198,31 @@ class GRPOModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.model.train()  # HF models load in eval mode; activation checkpointing acts in train mode only
         totals: dict[str, list[float]] = {}
-        engine_logp, correction = rollout.engine_logprobs, algo.mismatch_correction
+        micro = int(getattr(algo, "micro_batch_size", None) or size)
         for iteration in range(int(algo.num_iterations)):
             for index, rows in enumerate(chunks):
                 real = index < n_real
-                part = select_rows(rollout, rows)
-                part_mask = mask[rows] if real else torch.zeros_like(mask[rows])
-                logp, entropy = run_as_forward(self.model, completion_logprobs, self.model, part.input_ids,
-                                               part.attention_mask, part.prompt_length,
-                                               self.backbone.model_inputs(part), with_entropy=True)
-                old = logp.detach() if reuse_logp else old_logp[rows]  # the trainer's log-probs at sampling time
-                is_weights = None
-                if engine_logp is not None and real:
-                    if iteration == 0:
-                        totals.setdefault("engine", []).append(engine_gap(old, engine_logp[rows], part.completion_mask))
-                    if correction.enabled:
-                        is_weights, wm = mismatch_weights(old, engine_logp[rows], part_mask, mode=correction.mode,
-                                                          clip_max=correction.clip_max, clip_min=correction.clip_min)
-                        for k, v in wm.items():
-                            totals.setdefault(k, []).append(float(v))
-                elif correction.enabled and real and engine_logp is None:
-                    raise ConfigError("algorithm.mismatch_correction.enabled needs an engine that reports its sampling "
-                                      "log-probs (rollout=vllm); rollout=hf samples with the trainer's own weights")
-                local = loss_denominator(part_mask, algo.aggregation) if real else 0.0
-                denominator = self.sum_across_ranks(local) / self.world_size
-                loss, m = policy_loss(
-                    logp, old, advantages[rows], part_mask,
-                    clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
-                    importance=algo.importance, beta=algo.beta, ref_logp=None if ref_logp is None else ref_logp[rows],
-                    max_completion_length=algo.max_new_tokens, denominator=denominator, is_weights=is_weights)
+                local = loss_denominator(mask[rows], algo.aggregation) if real else 0.0
+                denominator = self.sum_across_ranks(local) / self.world_size  # of the whole mini-batch
+                parts = [rows[i:i + micro] for i in range(0, len(rows), micro)]
+                n_parts = len(parts)
+                parts += [rows[:1]] * (self.max_across_ranks(n_parts) - n_parts)  # every rank: as many backwards
                 optimizer.zero_grad()
-                self.manual_backward(loss)
+                chunk_loss = 0.0
+                for part_index, part_rows in enumerate(parts):
+                    counted = real and part_index < n_parts
+                    loss, m = self.micro_batch_loss(rollout, part_rows, counted, mask, advantages, old_logp, ref_logp,
+                                                    denominator, reuse_logp, iteration, totals)
+                    self.manual_backward(loss)  # gradients add up over the micro-batches: one mini-batch's gradient
+                    chunk_loss += float(loss.detach())
+                    for k, v in m.items():
+                        totals.setdefault(k, []).append(v)
                 if algo.max_grad_norm:
                     self.clip_gradients(optimizer, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 scheduler.step()
                 # Every rank's loss, empty mini-batches included, so their mean over ranks is the global loss.
-                totals.setdefault("loss", []).append(float(loss.detach()))
-                if real:
-                    m = {k: float(v) for k, v in m.items()}
-                    m["entropy"] = float((entropy * part_mask).sum() / part_mask.sum().clamp(min=1.0))
-                    for k, v in m.items():
-                        totals.setdefault(k, []).append(v)
+                totals.setdefault("loss", []).append(chunk_loss)
         self.timings["update"] = time.perf_counter() - t0 - self.timings["reward_wait"]
         gaps = totals.pop("engine", [])
         metrics = {k: sum(v) / len(v) for k, v in totals.items()}
@@ -243,6 +230,41 @@ class GRPOModule(L.LightningModule):
             metrics["rollout/logprob_diff/mean"] = sum(g[0] for g in gaps) / max(sum(g[1] for g in gaps), 1.0)
             metrics["rollout/logprob_diff/max"] = max(g[2] for g in gaps)
         return metrics
+
+    def micro_batch_loss(self, rollout: Rollout, rows: list[int], counted: bool, mask, advantages, old_logp,
+                         ref_logp, denominator: float, reuse_logp: bool, iteration: int, totals: dict):
+        """The policy loss of `rows` (a micro-batch) over `denominator` (its mini-batch's token or row count), and
+        its metrics when `counted` (padding micro-batches have a zero mask: no gradient, no metrics)."""
+        algo = self.algo
+        part = select_rows(rollout, rows)
+        part_mask = mask[rows] if counted else torch.zeros_like(mask[rows])
+        logp, entropy = run_as_forward(self.model, completion_logprobs, self.model, part.input_ids,
+                                       part.attention_mask, part.prompt_length, self.backbone.model_inputs(part),
+                                       with_entropy=True)
+        old = logp.detach() if reuse_logp else old_logp[rows]  # the trainer's log-probs at sampling time
+        engine_logp, correction = rollout.engine_logprobs, algo.mismatch_correction
+        is_weights = None
+        if engine_logp is not None and counted:
+            if iteration == 0:
+                totals.setdefault("engine", []).append(engine_gap(old, engine_logp[rows], part.completion_mask))
+            if correction.enabled:
+                is_weights, wm = mismatch_weights(old, engine_logp[rows], part_mask, mode=correction.mode,
+                                                  clip_max=correction.clip_max, clip_min=correction.clip_min)
+                for k, v in wm.items():
+                    totals.setdefault(k, []).append(float(v))
+        elif correction.enabled and counted and engine_logp is None:
+            raise ConfigError("algorithm.mismatch_correction.enabled needs an engine that reports its sampling "
+                              "log-probs (rollout=vllm); rollout=hf samples with the trainer's own weights")
+        loss, m = policy_loss(
+            logp, old, advantages[rows], part_mask,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
+            importance=algo.importance, beta=algo.beta, ref_logp=None if ref_logp is None else ref_logp[rows],
+            max_completion_length=algo.max_new_tokens, denominator=denominator, is_weights=is_weights)
+        if not counted:
+            return loss, {}
+        m = {k: float(v) for k, v in m.items()}
+        m["entropy"] = float((entropy * part_mask).sum() / part_mask.sum().clamp(min=1.0))
+        return loss, m
 
     @torch.no_grad()
     def score_rows(self, rollout: Rollout, chunks: list[list[int]], model) -> torch.Tensor:

@@ -49,6 +49,19 @@ def supervised_batch(samples: list[Sample], tokenizer, reasoning_tag: str, think
     }
 
 
+def backward_row_by_row(model, rows: list[dict[str, torch.Tensor]], device) -> float:
+    """Backward of the mean token loss over `rows` (one-row supervised batches), one row per forward/backward so
+    that peak memory is one row's: each row's mean loss weighted by its share of the target tokens, so the summed
+    gradient is the padded batch's. Returns that mean loss."""
+    counts = [int((row["labels"][:, 1:] != IGNORE_INDEX).sum()) for row in rows]
+    total = 0.0
+    for row, count in zip(rows, counts):
+        loss = model(**{k: v.to(device) for k, v in row.items()}).loss * (count / sum(counts))
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 class WarmStart(Callback):
     """`callbacks.warm_start`: the supervised steps at the start of training (not when resuming: the checkpoint
     holds the warmed weights)."""
@@ -94,14 +107,13 @@ def warm_start(backbone, samples: list[Sample], *, steps: int, lr: float, batch_
     model.train()
     losses = []
     for step in range(1, steps + 1):
-        batch = supervised_batch(rng.sample(samples, min(batch_size, len(samples))), tokenizer, reasoning_tag,
-                                 thinking)
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        loss.backward()
+        rows = [supervised_batch([s], tokenizer, reasoning_tag, thinking)
+                for s in rng.sample(samples, min(batch_size, len(samples)))]
+        step_loss = backward_row_by_row(model, rows, device)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step_loss)
         if log_metrics is not None:
             log_metrics({"warm_start/loss": losses[-1]}, step)
     model.train(was_training)
