@@ -4,29 +4,35 @@ that all are (nothing left to rise).
 
     python experiments/learning_curve/warm_start_probe.py --steps 0 2 4 8 --lr 1e-4
 
-Warm-starts cumulatively on the medix_mini training split and, at each N, samples `--samples` completions for each of
-`--prompts` training prompts at temperature 1 (as the rollout does), printing the format and modality reward means.
+Composes the training config (`conf/config.yaml`, the defaults plus any `--override`s) and builds its dataset,
+backbone and rollout engine as `medix.run` does. Warm-starts cumulatively on the training split and, at each N,
+samples `--samples` completions for each of the last `--prompts` training prompts at temperature 1 (as the rollout
+does), printing the format and modality reward means.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from medix.data import load_report, split_samples  # noqa: E402
-from medix.grpo.rollout import generate_completions  # noqa: E402
+from medix.config import build, register_configs  # noqa: E402
 from medix.grpo.warm_start import warm_start  # noqa: E402
-from medix.data.prompts import render_prompt  # noqa: E402
-from medix.models import load_backbone  # noqa: E402
 from medix.rewards.components import format_reward, modality_reward  # noqa: E402
+from medix.rollout.base import Sampling  # noqa: E402
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["paths.output_dir=/tmp/warm_start_probe", *overrides])
 
 
 def main() -> None:
@@ -37,30 +43,36 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--override", nargs="*", default=[], help="config overrides, e.g. backbone.lora.r=8")
     args = p.parse_args()
-    cfg = OmegaConf.load(REPO / "conf/config.yaml")
-    dataset = OmegaConf.merge(OmegaConf.load(REPO / "conf/dataset/medix_mini.yaml"), {"seed": 0})
-    train, _ = split_samples(load_report(dataset).samples, dataset.val_size, 0)
-    cache_dir = os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache/medix"))
+    cfg = compose_config(args.override)
+    datamodule = build(cfg.dataset)
+    datamodule.setup("fit")  # the seeded train/val split medix.run trains on
+    train = datamodule.train
     torch.manual_seed(0)
-    backbone = load_backbone(OmegaConf.load(REPO / "conf/backbone/smollm2_135m.yaml"), cache_dir)
+    backbone = build(cfg.backbone)
+    engine = build(cfg.rollout)
+    tag, thinking = cfg.reasoning_tag, cfg.callbacks.warm_start.thinking
     probe = train[-args.prompts:]  # the warm start draws from all of train; these are scored at each N
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
     done = 0
-    for target in sorted(args.steps):
-        ws = OmegaConf.merge(cfg.warm_start, {"steps": target - done, "lr": args.lr, "batch_size": args.batch_size})
-        warm_start(backbone, train, ws, reasoning_tag="thinking", seed=done)
-        done = target
-        backbone.model.eval()
-        torch.manual_seed(1)
-        rollout = generate_completions(backbone.model, backbone.tokenizer,
-                                       [render_prompt(s, backbone.tokenizer, "thinking") for s in probe],
-                                       group_size=args.samples, max_new_tokens=args.max_new_tokens,
-                                       temperature=1.0, top_p=1.0)
-        tags = [s.tag for s in probe for _ in range(args.samples)]
-        fmt = [format_reward(t) for t in rollout.texts]
-        mod = [modality_reward(t, tag) for t, tag in zip(rollout.texts, tags)]
-        print(f"warm-start steps {target}: format {sum(fmt) / len(fmt):.2f}, modality {sum(mod) / len(mod):.2f} "
-              f"({len(fmt)} samples); e.g. {rollout.texts[0][:120]!r}", flush=True)
+    try:
+        for target in sorted(args.steps):
+            warm_start(backbone, train, steps=target - done, lr=args.lr, batch_size=args.batch_size,
+                       thinking=thinking, reasoning_tag=tag, seed=done)
+            if target > done:
+                engine.sync(backbone)  # rollout=vllm: the server samples from the warmed weights (hf: nothing to do)
+            done = target
+            torch.manual_seed(1)
+            rollout = engine.generate(backbone, [backbone.render(s, tag) for s in probe], None,
+                                      group_size=args.samples, sampling=sampling)
+            tags = [s.tag for s in probe for _ in range(args.samples)]
+            fmt = [format_reward(t, tag) for t in rollout.texts]
+            mod = [modality_reward(t, solution_tag, tag) for t, solution_tag in zip(rollout.texts, tags)]
+            print(f"warm-start steps {target}: format {sum(fmt) / len(fmt):.2f}, modality {sum(mod) / len(mod):.2f} "
+                  f"({len(fmt)} samples); e.g. {rollout.texts[0][:120]!r}", flush=True)
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from experiments.perf.grpo_vs_trl import QWEN2_04B, QWEN2_TINY  # noqa: E402
 from medix.grpo.lm_head import head_token_logprobs, split_lm_head  # noqa: E402
-from medix.grpo.rollout import token_logprobs  # noqa: E402
+from medix.grpo.logprobs import token_logprobs  # noqa: E402
 
 
 def probe(mode: str, *, device: str = "cuda", rows: int = 16, length: int = 320, attention: str = "sdpa",

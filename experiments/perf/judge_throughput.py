@@ -18,14 +18,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from medix.judges.cache import JudgeCache  # noqa: E402
-from medix.judges.client import ClientSettings, JudgeItem, OpenAIJudge  # noqa: E402
+from medix.judges.client import JudgeItem, OpenAIJudge  # noqa: E402
 
 
 def judge_items(n: int) -> list[JudgeItem]:
     """n real (question, prediction, reference) pairs from experiments/judge_agreement; repeats get a suffix so
     every item is a distinct cache key."""
-    rows = [json.loads(line) for line in (REPO / "experiments/judge_agreement/pairs.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (REPO / "experiments/judge_agreement/pairs.jsonl").read_text().splitlines()
+            if line.strip()]
     items = []
     for i in range(n):
         r = rows[i % len(rows)]
@@ -34,13 +34,12 @@ def judge_items(n: int) -> list[JudgeItem]:
     return items
 
 
-def measure(settings: ClientSettings, items: list[JudgeItem], concurrency: int, cache_dir: Path) -> dict:
-    """Cold (empty cache) then warm (same items again) throughput at this concurrency."""
-    cache = JudgeCache(cache_dir / f"cache_c{concurrency}.sqlite")
+def measure(settings: dict, items: list[JudgeItem], concurrency: int, cache_dir: Path) -> dict:
+    """Cold (empty cache) then warm (same items again) throughput at this concurrency: one OpenAIJudge (the client
+    training and evaluation use) with `settings` (its constructor's keywords) and a fresh SQLite cache."""
+    cache = {"enabled": True, "path": str(cache_dir / f"cache_c{concurrency}.sqlite")}
     out = {"concurrency": concurrency, "items": len(items)}
-    import dataclasses
-
-    with OpenAIJudge(dataclasses.replace(settings, max_concurrency=concurrency), cache) as judge:
+    with OpenAIJudge(**settings, max_concurrency=concurrency, cache=cache) as judge:
         for phase in ("cold", "warm"):
             t0 = time.perf_counter()
             scores = judge.score(items)
@@ -57,28 +56,36 @@ def run_fake(args, items, cache_dir) -> list[dict]:
     from fake_openai import FakeOpenAIServer, always
 
     with FakeOpenAIServer(always("YES"), delay_s=args.delay) as server:
-        settings = ClientSettings(model="fake-judge", base_url=server.base_url, timeout_s=30)
+        settings = dict(model="fake-judge", base_url=server.base_url, timeout_s=30)
         return [measure(settings, items, c, cache_dir) | {"server": f"fake delay={args.delay}s"}
                 for c in args.concurrency]
 
 
-def run_local(args, items, cache_dir) -> list[dict]:
+def local_judge_settings(cache_dir: Path) -> tuple[dict, dict]:
+    """conf/judge/local.yaml as (OpenAIJudge keywords, judge.server), the server's log under `cache_dir`."""
     import yaml
 
-    from medix.judges import LocalJudge, _settings
-
     cfg = yaml.safe_load((REPO / "conf/judge/local.yaml").read_text())
-    cfg.pop("cache")
-    server_cfg = cfg.pop("server")
-    server_cfg["log_file"] = str(cache_dir / "judge_server.log")
+    for key in ("defaults", "cache"):
+        cfg.pop(key, None)
+    server = dict(cfg.pop("server"), log_file=str(cache_dir / "judge_server.log"))
+    return cfg, server
+
+
+def run_local(args, items, cache_dir) -> list[dict]:
+    """The real judge=local llama.cpp server: one LocalJudge holds it (started, or joined if this node already runs
+    one with the same settings) while an OpenAIJudge per concurrency measures against its URL."""
+    from medix.judges.local import LocalJudge
+
     medix_cache = Path(os.environ.get("MEDIX_CACHE_DIR", Path.home() / ".cache/medix"))
-    local = LocalJudge(_settings({k: v for k, v in cfg.items() if k != "kind"}), None, server_cfg, medix_cache)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    settings, server = local_judge_settings(cache_dir)
     results = []
-    with local:
-        print(f"llama.cpp server up in {local.server.startup_s:.1f}s at {local.server.base_url}", flush=True)
-        settings = local.client.settings
+    with LocalJudge(**settings, server=server, cache={"enabled": False}, cache_dir=str(medix_cache)) as local:
+        print(f"llama.cpp server up (or joined) in {local.startup_s:.1f}s at {local.base_url}", flush=True)
+        client = {k: v for k, v in settings.items() if k != "max_concurrency"} | {"base_url": local.base_url}
         for c in args.concurrency:
-            results.append(measure(settings, items, c, cache_dir) | {"server": "local llama.cpp " + cfg["model"]})
+            results.append(measure(client, items, c, cache_dir) | {"server": "local llama.cpp " + settings["model"]})
     return results
 
 
