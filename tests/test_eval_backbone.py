@@ -54,10 +54,21 @@ def test_the_raw_question_by_default_and_the_training_template_on_request(genera
 def test_backbone_evaluation_end_to_end_with_an_adapter(repo_root, tmp_path, generator):
     from peft import LoraConfig, get_peft_model
 
+    import torch
+
+    base_answers = generator.generate(ITEMS[:2])
     adapter_dir = tmp_path / "adapter"
-    model = get_peft_model(generator.backbone.model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    base = generator.backbone.model
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # non-zero: an adapter that is ignored would show
+            torch.nn.init.normal_(weight, std=0.2)
     model.save_pretrained(str(adapter_dir))
+    generator.backbone.model = model
+    adapted_answers = generator.generate(ITEMS[:2])
     generator.backbone.model = model.unload()  # leave the shared base model as it was
+    assert adapted_answers != base_answers  # the adapter changes what the model says
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"id": i.id, "question": i.question, "answer": i.reference}) + "\n"
                              for i in ITEMS[:2]))
@@ -69,5 +80,4 @@ def test_backbone_evaluation_end_to_end_with_an_adapter(repo_root, tmp_path, gen
         prompts = [r["messages"][0]["content"] for r in judge.chat_requests]
     assert outcome.metrics["eval/bench/accuracy"] == 1.0 and len(prompts) == 4
     rows = [json.loads(l) for l in (tmp_path / "eval" / "bench" / "items.jsonl").read_text().splitlines()]
-    # a zero-initialised LoRA leaves the base model's greedy answers unchanged
-    assert {r["id"]: r["prediction"] for r in rows} == dict(zip(["b1", "b2"], generator.generate(ITEMS[:2])))
+    assert {r["id"]: r["prediction"] for r in rows} == dict(zip(["b1", "b2"], adapted_answers))  # the adapter's

@@ -106,3 +106,50 @@ def test_rollout_vllm_without_its_environment_is_one_clear_error(repo_root, tmp_
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "rollout.server.python" in errors[0] and "MEDIX_VLLM=1 scripts/setup.sh" in errors[0]
+
+
+@pytest.mark.vllm
+def test_evaluation_generates_through_the_engine_as_hf_generate_does(repo_root, tmp_path):
+    """`medix.evaluate rollout=vllm` with a trained (non-zero) adapter: the answers come from the vLLM server, with the
+    adapter loaded, and equal HF's greedy answers of the same adapted model (which differ from the base model's)."""
+    from hydra import compose, initialize_config_dir
+    from peft import LoraConfig, get_peft_model
+
+    from medix.config import build, register_configs
+    from medix.eval.runner import run_evaluation
+
+    require_vllm_python()
+    register_configs()
+    cache = os.environ.get("MEDIX_CACHE_DIR", str(__import__("pathlib").Path.home() / ".cache" / "medix"))
+    items = [{"id": "e1", "question": "Which organ makes insulin?", "answer": "pancreas"},
+             {"id": "e2", "question": "Name the thigh bone.", "answer": "femur"},
+             {"id": "e3", "question": "Which vitamin prevents scurvy?", "answer": "vitamin C"}]
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(i) + "\n" for i in items))
+
+    def cfg(*overrides):
+        with initialize_config_dir(config_dir=str(repo_root / "conf"), version_base="1.3"):
+            return compose("eval", overrides=[f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path / 'out'}",
+                                              "logger=none", "judge=rule", f"benchmark.path={bench}",
+                                              "generation.max_new_tokens=16", *overrides])
+
+    backbone = build(cfg().backbone)
+    model = get_peft_model(backbone.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.2)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    adapter = [f"model.adapter={tmp_path / 'adapter'}"]
+    hf = run_evaluation(cfg(*adapter, "eval.output_dir=" + str(tmp_path / "hf")))
+    engine = run_evaluation(cfg(*adapter, "rollout=vllm", "rollout.server.cpu_threads_bind=0",
+                                "eval.output_dir=" + str(tmp_path / "vllm")))
+
+    def predictions(folder):
+        rows = [json.loads(line) for line in (folder / "bench" / "items.jsonl").read_text().splitlines()]
+        return {r["id"]: r["prediction"] for r in rows}
+
+    run_evaluation(cfg("eval.output_dir=" + str(tmp_path / "base")))  # HF, without the adapter
+    assert predictions(tmp_path / "vllm") == predictions(tmp_path / "hf")
+    assert predictions(tmp_path / "hf") != predictions(tmp_path / "base")  # so the server really used the adapter
+    assert engine.metrics["eval/bench/items"] == hf.metrics["eval/bench/items"] == 3

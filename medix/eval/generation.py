@@ -1,4 +1,5 @@
-"""The model under test: a local backbone (greedy, batched) or an OpenAI-compatible endpoint (concurrent requests)."""
+"""The model under test: a local backbone (greedy, batched; through HF generate or the training run's rollout engine)
+or an OpenAI-compatible endpoint (concurrent requests)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,29 @@ class BackboneGenerator:
                                    pad_token_id=tokenizer.pad_token_id)
         new_tokens = generated[:, encoded["input_ids"].shape[1]:]
         return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+class EngineGenerator(BackboneGenerator):
+    """Greedy answers of a loaded backbone sampled through a rollout engine (`rollout=vllm`: the vLLM server training
+    uses, started for the backbone with its adapter loaded), with the prompts BackboneGenerator builds. Text only:
+    the vLLM engine does not send images yet."""
+
+    def __init__(self, backbone, engine, *, max_new_tokens: int, reasoning_tag: str, use_training_prompt: bool):
+        super().__init__(backbone, max_new_tokens=max_new_tokens, reasoning_tag=reasoning_tag,
+                         use_training_prompt=use_training_prompt)
+        self.engine = engine
+
+    def generate(self, items: list[BenchmarkItem]) -> list[str]:
+        from medix.errors import ConfigError
+        from medix.rollout.base import Sampling
+
+        if self.backbone.is_vlm and any(item.image is not None for item in items):
+            raise ConfigError("rollout=vllm does not send images yet; evaluate image tasks without rollout= "
+                              "(HF generate) or with model.kind=endpoint")
+        prompts = [self.prompt(item, with_image=False) for item in items]
+        rollout = self.engine.generate(self.backbone, prompts, None, group_size=1,
+                                       sampling=Sampling(max_new_tokens=self.max_new_tokens, temperature=0.0))
+        return [text.strip() for text in rollout.texts]
+
+    def close(self) -> None:
+        self.engine.close()

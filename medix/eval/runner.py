@@ -80,8 +80,13 @@ def build_generator(cfg: DictConfig):
     if cfg.model.get("adapter"):  # the loader applies it (LoRA weights, and the tiny_vlm vision tower)
         backbone_cfg.adapter = cfg.model.adapter
     backbone = build(backbone_cfg)
-    return BackboneGenerator(backbone, max_new_tokens=gen.max_new_tokens, reasoning_tag=cfg.reasoning_tag,
-                             use_training_prompt=gen.use_training_prompt)
+    options = dict(max_new_tokens=gen.max_new_tokens, reasoning_tag=cfg.reasoning_tag,
+                   use_training_prompt=gen.use_training_prompt)
+    if cfg.get("rollout") is not None:  # rollout=vllm: the answers come from the engine training samples with
+        from medix.eval.generation import EngineGenerator
+
+        return EngineGenerator(backbone, build(cfg.rollout), **options)
+    return BackboneGenerator(backbone, **options)
 
 
 def protocol_settings(cfg: DictConfig) -> ProtocolSettings:
@@ -163,7 +168,11 @@ def run_evaluation(cfg: DictConfig) -> EvalOutcome:
                 except BaseExceptionGroup as group:
                     raise first_medix_error(group) from None
 
-            asyncio.run(main())
+            try:
+                asyncio.run(main())
+            finally:
+                if hasattr(generator, "close"):  # a rollout engine's server stops with the evaluation
+                    generator.close()
             judge_metrics = judge.metrics()
     unjudged = sum(len(t.unjudged()) for t in tasks)
     if unjudged:
