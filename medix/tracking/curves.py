@@ -75,10 +75,11 @@ def plot_curves(tracking_uri: str, runs, keys: list[str], *, smooth: int = 1, ti
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         window = 1 if key.startswith("val/") else smooth
-        for _, run in runs.iterrows():
+        for index, (_, run) in enumerate(runs.iterrows()):
             steps, values = metric_history(tracking_uri, run.run_id, key)
-            if steps:
-                ax.plot(steps, running_mean(values, window), marker="." if len(steps) < 30 else None, label=run.label)
+            if steps:  # one colour per run in every panel, also where an earlier run never logged the key
+                ax.plot(steps, running_mean(values, window), marker="." if len(steps) < 30 else None, label=run.label,
+                        color=f"C{index % 10}")
         ax.set_title(key if window == 1 else f"{key} (mean of {window})", fontsize=9)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
