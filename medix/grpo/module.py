@@ -175,8 +175,9 @@ class GRPOModule(L.LightningModule):
 
     def update(self, trained: Scored) -> dict[str, float]:
         """`num_iterations` passes over the rollout in mini-batches of `mini_batch_size` completions, one optimizer
-        step each, its gradient summed over forward/backward passes of `micro_batch_size` rows. Data-parallel ranks take as many steps as the rank with the most mini-batches (the others add
-        empty ones) and normalise each loss by the mini-batch's token (or row) count over every rank."""
+        step each, its gradient summed over forward/backward passes of `micro_batch_size` rows. Data-parallel ranks
+        take as many steps (and passes) as the rank with the most (the others add empty ones) and normalise each loss
+        by the mini-batch's token (or row) count over every rank."""
         t0 = time.perf_counter()
         algo, rollout = self.algo, trained.rollout
         size = min(int(algo.mini_batch_size), len(rollout))

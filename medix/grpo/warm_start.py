@@ -4,8 +4,9 @@ A policy that never writes `<TAG><thinking>…</thinking><answer>…</answer>` s
 every completion of every group, so those rewards have no within-group variance and GRPO gets no gradient from them
 (`experiments/learning_curve/`: SmolLM2-135M wrote the form in 0 of 54 samples). A few teacher-forced steps on the
 training questions' own `<TAG> answer` references, wrapped in the form, give the policy a foothold that RL can then
-reinforce. The reasoning text is one fixed sentence (`callbacks.warm_start.thinking`): the warm start teaches the form, not
-medicine. On in the default run (`callbacks.warm_start.steps: 6`); the paper presets and the smoke run set it to 0.
+reinforce. The reasoning text is one fixed sentence (`callbacks.warm_start.thinking`): the warm start teaches the
+form, not medicine. On in the default run (`callbacks.warm_start.steps: 6`); the paper presets and the smoke run set
+it to 0.
 """
 
 from __future__ import annotations
