@@ -21,25 +21,28 @@ class JudgeCacheConfig:
 
 @dataclass
 class ClientConfig:
-    """What every LLM judge reads (conf/judge/qwen.yaml explains each key)."""
+    """What every LLM judge reads; a conf/judge choice says only what differs."""
 
     _convert_: str = "all"  # the constructor gets plain dicts (extra_body is sent as JSON)
-    model: str = MISSING
+    model: str = MISSING  # also the name the server answers to
     api_key: str = "EMPTY"
     temperature: float = 0.0
-    max_tokens: int = 4
-    scoring: str = "text"  # text | logprob
-    parser: str = "strict"  # strict | contains (scoring=text)
+    max_tokens: int = 4  # the paper asks for 4 tokens: "YES" / "NO"
+    scoring: str = "text"  # text: parse the reply | logprob: P(YES)/(P(YES)+P(NO)) from the first token
+    # strict: only a leading YES/NO counts, else a counted failure | contains: 1 iff the reply contains YES (the
+    # paper's parser; set it to reproduce the paper). Read with scoring=text.
+    parser: str = "strict"
     top_logprobs: int = 10  # scoring=logprob
-    yes_threshold: float = 0.5  # scoring=logprob: YES iff P(YES)/(P(YES)+P(NO)) >= this
-    template: Optional[str] = None  # None = medix's delimited version of the paper's prompt
-    max_prediction_chars: Optional[int] = 2000
+    yes_threshold: float = 0.5  # scoring=logprob: the verdict is YES (1.0) iff P(YES)/(P(YES)+P(NO)) >= this
+    # None = the paper's wording, the prediction delimited; else a string with {question} {prediction} {reference}
+    template: Optional[str] = None
+    max_prediction_chars: Optional[int] = 2000  # longer predictions are cut before the judge (training and eval)
     max_concurrency: int = 8  # requests in flight, shared by all ranks of a DDP/FSDP run
-    timeout_s: float = 30.0
-    max_retries: int = 3  # the openai SDK's retries (exponential backoff from 0.5 s, Retry-After honoured)
-    on_failure: str = "exclude"  # exclude | zero | raise
+    timeout_s: float = 30.0  # per HTTP request
+    max_retries: int = 3  # the openai SDK's retries (exponential backoff from 0.5 s, max 8 s, Retry-After honoured)
+    on_failure: str = "exclude"  # exclude: None (left out of the group baseline) | zero: 0.0 (the paper) | raise
     max_failure_rate: float = 0.5
-    failure_window: int = 50
+    failure_window: int = 50  # the rate is checked once this many recent judge calls are recorded
     extra_body: Any = None  # a JSON object merged into every request body; add keys with +judge.extra_body.<key>=...
     cache: JudgeCacheConfig = field(default_factory=JudgeCacheConfig)
     cache_dir: str = "${paths.cache_dir}"
