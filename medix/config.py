@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+MISSING = "???"  # omegaconf.MISSING: a value the config must set (the module stays importable without Hydra)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -26,11 +25,15 @@ class GGUFSpec:
 
 @dataclass
 class LoraSpec:
-    enabled: bool = True
+    """peft's LoraConfig; `backbone.lora: null` trains every weight instead (a full fine-tune)."""
+
+    _target_: str = "peft.LoraConfig"
+    _convert_: str = "all"  # target_modules as a plain list
     r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    task_type: str = "CAUSAL_LM"
 
 
 @dataclass
@@ -43,13 +46,15 @@ class CausalLMBackbone:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     adapter: Optional[str] = None  # a trained adapter/model folder to start from
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora: Optional[LoraSpec] = field(default_factory=LoraSpec)
     cache_dir: str = "${paths.cache_dir}"
 
 
 @dataclass
 class QwenVLBackbone(CausalLMBackbone):
     _target_: str = "medix.models.qwen_vl.load_qwen_vl"
+    dtype: str = "bfloat16"
+    gradient_checkpointing: bool = True
     train_vision_tower: bool = True
 
 
@@ -132,30 +137,53 @@ class MismatchCorrection:
 
 
 @dataclass
+class OptimizerConfig:
+    """The policy's optimizer, made by GRPOModule.configure_optimizers for the trainable parameters (`_partial_`);
+    another one: `algorithm.optimizer._target_=torch.optim.SGD` (its own keys with `+algorithm.optimizer.<key>=`)."""
+
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 1.0e-5
+    weight_decay: float = 0.01
+
+
+@dataclass
+class SamplingConfig:
+    """How the rollout engine samples completions (medix.rollout.base.Sampling)."""
+
+    _target_: str = "medix.rollout.base.Sampling"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+
+
+@dataclass
 class AlgorithmConfig:
+    """A GRPO-family algorithm: the defaults are EasyR1's (MediX-R1's trainer) at CPU-friendly run sizes; each
+    conf/algorithm choice says what it changes."""
+
     name: str = MISSING
-    group_size: int = 4
-    prompts_per_step: int = 2
+    group_size: int = 4  # completions per prompt
+    prompts_per_step: int = 2  # per rank
     clip_low: float = 0.2
     clip_high: float = 0.2
     aggregation: str = "token_mean"  # sequence_mean | token_mean | constant
     importance: str = "token"  # token | sequence (GSPO)
-    beta: float = 0.0
+    beta: float = 0.0  # KL coefficient (k3 estimator); 0 = no reference forward
     advantage_scale: str = "group"  # group | batch | none
     eps: float = 1.0e-6
-    num_iterations: int = 1
-    mini_batch_size: int = 8
+    num_iterations: int = 1  # passes over each rollout
+    mini_batch_size: int = 8  # completions per optimizer step (per rank)
+    # rows per forward/backward; a mini-batch's gradients add up over them (EasyR1's
+    # micro_batch_size_per_device_for_update, default 4); null = the whole mini-batch
     micro_batch_size: Optional[int] = 4
     dynamic_sampling: DynamicSampling = field(default_factory=DynamicSampling)
     mask_truncated: bool = False
-    lr: float = 1.0e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many optimizer steps
     max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     mismatch_correction: MismatchCorrection = field(default_factory=MismatchCorrection)
 
 
@@ -239,8 +267,10 @@ class FinalModelCallback:
 @dataclass
 class WarmStartCallback:
     _target_: str = "medix.grpo.warm_start.WarmStart"
-    steps: int = 0  # supervised steps on the training answers in the required form before GRPO; 0 = off
-    lr: float = 1.0e-4
+    # Supervised steps on the training answers written in the required form, before GRPO: SmolLM2-135M never writes
+    # the tags by itself, so format and modality would give GRPO no signal. 0 = off, as in the paper (its presets).
+    steps: int = 6
+    lr: float = 1.0e-3
     batch_size: int = 4
     thinking: str = "The question and the findings point to this answer."
     reasoning_tag: str = "${reasoning_tag}"
@@ -278,10 +308,23 @@ class CallbacksConfig:
     summary: PlainCallback = field(default_factory=lambda: PlainCallback("medix.tracking.callbacks.RunSummary"))
 
 
+# ---- the LightningModule -----------------------------------------------------------------------------------------
+@dataclass
+class ModuleConfig:
+    """medix.grpo.module.GRPOModule; run.py passes it the built backbone, rollout engine and rewards."""
+
+    _target_: str = "medix.grpo.module.GRPOModule"
+    _convert_: str = "object"  # the algorithm arrives as an AlgorithmConfig, its optimizer and sampling built
+    algorithm: Any = "${algorithm}"
+    reasoning_tag: str = "${reasoning_tag}"
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
 # ---- roots ------------------------------------------------------------------------------------------------------
 @dataclass
 class Paths:
-    cache_dir: str = MISSING  # converted models, rebuilt GGUFs, the judge cache, server logs
+    cache_dir: str = "${oc.env:MEDIX_CACHE_DIR,${oc.env:HOME}/.cache/medix}"  # converted models, rebuilt GGUFs, the
+    # judge cache, server logs
     output_dir: str = MISSING  # where a run writes checkpoints and its trained policy
 
 
@@ -297,15 +340,16 @@ class TrainConfig:
     trainer: Any = MISSING
     logger: Any = MISSING
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    module: ModuleConfig = field(default_factory=ModuleConfig)
     paths: Paths = field(default_factory=Paths)
     # Validation with another reward than training's (e.g. every mix of an ablation judged by the composite):
     # `+reward@val_reward=composite`; null = the training reward.
     val_reward: Any = None
-    reasoning_tag: str = "thinking"
+    reasoning_tag: str = "thinking"  # read by both the prompt template and the reward (the paper's text says `think`)
     seed: int = 0
-    optimize_metric: Optional[str] = None
-    resume: Optional[str] = None
-    verbose: bool = False
+    optimize_metric: Optional[str] = "val/reward/llm_judge/mean"  # what a job returns to a sweep (conf/hparams_search)
+    resume: Optional[str] = None  # a checkpoint (.ckpt) or a run folder to continue from, into the same MLflow run
+    verbose: bool = False  # true: every library's log lines and warnings (HTTP requests, FutureWarnings, tips)
 
 
 @dataclass
@@ -319,6 +363,76 @@ class ScoreConfig:
     reasoning_tag: str = "thinking"
 
 
+# ---- evaluation (conf/eval.yaml) --------------------------------------------------------------------------------
+@dataclass
+class BenchmarkConfig:
+    """A benchmark choice (conf/benchmark): its tasks, and where their items come from."""
+
+    name: Optional[str] = None  # benchmark=local: the task's name in results; null = the file's folder name or stem
+    tasks: dict[str, Any] = field(default_factory=dict)  # task name -> source, folder, hub, fields, filter, scoring, ...
+    data_dir: Optional[str] = None  # read each paper task from <data_dir>/<folder>/test.jsonl instead of the hub
+    path: Optional[str] = None  # benchmark=local: the JSONL file to evaluate
+    limit: Optional[int] = None  # first N items per task (small runs)
+    missing: str = "error"  # a task with no local file under data_dir: error | skip
+
+
+@dataclass
+class EvalModelConfig:
+    kind: str = "backbone"  # backbone (cfg.backbone, greedy on this machine) | endpoint (OpenAI-compatible chat)
+    adapter: Optional[str] = None  # a PEFT adapter folder saved by a medix run (<run>/adapter), kind=backbone only
+    base_url: Optional[str] = None  # kind=endpoint: e.g. http://127.0.0.1:8005/v1
+    name: Optional[str] = None  # kind=endpoint: the served model name
+    api_key: str = "${oc.env:MEDIX_MODEL_API_KEY,EMPTY}"
+    timeout_s: float = 600.0
+    max_retries: int = 2
+    send_images: bool = True  # kind=endpoint: attach item images (false for a text-only server)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256  # the paper uses 2048; smaller keeps CPU runs short
+    batch_size: int = 4  # items generated per step (backbone: one padded batch; endpoint: sent together)
+    max_concurrency: int = 8  # kind=endpoint: requests in flight
+    use_training_prompt: bool = False  # true: the training template instead of the raw question
+
+
+@dataclass
+class JudgeProtocolConfig:
+    """medix.eval.judging.ProtocolSettings: how the reference-based judge is asked (conf/eval.yaml explains each)."""
+
+    _target_: str = "medix.eval.judging.ProtocolSettings"
+    prompt: str = "paper"  # paper | judge
+    rounds: int = 3
+    max_parse_retries: int = 2
+    parse_failure_score: float = 0.0
+    max_tokens: int = 512
+    prompt_suffix: str = " /no_think"
+
+
+@dataclass
+class EvalOutput:
+    output_dir: str = "${paths.output_dir}/eval"  # per-task items.jsonl; rerun with the same folder to resume
+    experiment: str = "medix-eval"  # MLflow experiment (logger.tracking_uri)
+    run_name: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    backbone: Any = MISSING
+    judge: Any = MISSING
+    benchmark: Any = MISSING
+    logger: Any = MISSING
+    rollout: Any = None  # null = HF generate; vllm = the rollout engine training uses
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge_protocol: JudgeProtocolConfig = field(default_factory=JudgeProtocolConfig)
+    eval: EvalOutput = field(default_factory=EvalOutput)
+    compare: Any = None  # a list of MLflow run ids, or {experiment: <name>}: compare finished runs instead
+    paths: Paths = field(default_factory=Paths)
+    reasoning_tag: str = "thinking"  # predictions are cut after its last closing tag (and </think>)
+    seed: int = 0  # the vLLM server's sampling seed with rollout=vllm (rollout.server.seed)
+
+
 GROUP_SCHEMAS = {
     "backbone": {"causal_lm": CausalLMBackbone, "qwen_vl": QwenVLBackbone, "tiny_vlm": TinyVLMBackbone},
     "reward": {"reward": RewardConfig},
@@ -328,17 +442,22 @@ GROUP_SCHEMAS = {
     "rollout": {"hf": HFRollout, "vllm": VLLMRollout},
     "trainer": {"trainer": TrainerConfig},
     "logger": {"mlflow": MLflowLoggerConfig},
+    "benchmark": {"benchmark": BenchmarkConfig},
 }
 
 
 def register_configs() -> None:
-    """Store every schema: group schemas as `<group>/_schema_<kind>`, the roots as `_train_schema`/`_score_schema`."""
+    """Store every schema: group schemas as `<group>/_schema_<kind>`, the roots as `_train_schema`, `_score_schema`
+    and `_eval_schema`."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     for group, schemas in GROUP_SCHEMAS.items():
         for kind, node in schemas.items():
             cs.store(group=group, name=f"_schema_{kind}", node=node)
     cs.store(name="_train_schema", node=TrainConfig)
     cs.store(name="_score_schema", node=ScoreConfig)
+    cs.store(name="_eval_schema", node=EvalConfig)
     try:  # TODO(integration): required once medix/judges/config.py lands
         from medix.judges.config import register as register_judges
     except ModuleNotFoundError:

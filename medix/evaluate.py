@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig
 from medix.config import register_configs
 from medix.errors import ConfigError, MedixError
 
-register_configs()  # the typed schemas of conf/ (judge: medix.judges.config), before @hydra.main composes
+register_configs()  # the typed schemas of conf/ (eval.yaml's: EvalConfig), before @hydra.main composes
 
 
 def compare(cfg: DictConfig) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -23,9 +25,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from medix.grpo.callbacks import resolve_checkpoint
-    from medix.grpo.module import GRPOModule
     from medix.memory import return_freed_memory_to_the_os
-    from medix.tracking.mlflow_run import log_run_config, run_identity
+    from medix.tracking.mlflow_run import log_run_config
 
     return_freed_memory_to_the_os()
     quiet_third_party_logs(cfg.verbose)
@@ -38,16 +39,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(cfg.dataset)
     datamodule.setup("fit")  # a bad row stops the run here, before any model is loaded
-    reward = build(cfg.reward)  # only the components with a positive weight (embed_only starts no judge)
-    val_reward = build(cfg.val_reward) if cfg.val_reward else None
-    engine = build(cfg.rollout)
-    logger = build(cfg.logger, run_id=checkpoint_run_id(checkpoint), **run_identity(cfg)) if cfg.logger else None
-    with recorded(logger, cfg, output_dir, reward, engine, *([val_reward] if val_reward else [])):
-        backbone = build(cfg.backbone)
-        module = GRPOModule(backbone, engine, reward, cfg.algorithm, reasoning_tag=cfg.reasoning_tag, seed=cfg.seed,
-                            val_reward=val_reward)
-        callbacks = [build(c) for c in cfg.callbacks.values()]
-        trainer = build(cfg.trainer, callbacks=callbacks, logger=logger)
+    job = build_job(cfg, checkpoint)
+    logger = job.logger
+    with recorded(logger, cfg, output_dir, *job.resources()):
+        module = build_module(cfg, job)
+        trainer = build_trainer(cfg, logger)
         if logger is not None and trainer.is_global_zero and checkpoint is None:  # a resumed run has them
             log_run_config(logger, cfg, output_dir)
             report = datamodule.report
@@ -57,6 +53,40 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None,
                     weights_only=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@dataclass
+class Job:
+    """What a training run builds before its policy: the rewards, the rollout engine, the logger."""
+
+    reward: Any
+    val_reward: Any
+    engine: Any
+    logger: Any
+
+    def resources(self) -> list:
+        """What must be closed however the run ends (judge servers, the rollout engine's server)."""
+        return [self.reward, self.engine, *([self.val_reward] if self.val_reward is not None else [])]
+
+
+def build_job(cfg: DictConfig, checkpoint: Path | None = None) -> Job:
+    from medix.tracking.mlflow_run import run_identity
+
+    logger = build(cfg.logger, run_id=checkpoint_run_id(checkpoint), **run_identity(cfg)) if cfg.logger else None
+    return Job(reward=build(cfg.reward),  # only the components with a positive weight (embed_only starts no judge)
+               val_reward=build(cfg.val_reward) if cfg.val_reward else None,
+               engine=build(cfg.rollout), logger=logger)
+
+
+def build_module(cfg: DictConfig, job: Job):
+    """The policy (`backbone`) and the GRPOModule around it (`module`, with the algorithm's optimizer and sampling)."""
+    return build(cfg.module, backbone=build(cfg.backbone), engine=job.engine, reward=job.reward,
+                 val_reward=job.val_reward)
+
+
+def build_trainer(cfg: DictConfig, logger):
+    """Lightning's Trainer (`trainer`) with every callback of `callbacks`."""
+    return build(cfg.trainer, callbacks=[build(c) for c in cfg.callbacks.values()], logger=logger)
 
 
 @contextmanager

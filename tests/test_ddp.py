@@ -53,7 +53,7 @@ def ddp_run(repo_root, tmp_path_factory):
            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
            "trainer.max_steps=null", "trainer.max_epochs=1", "trainer.val_check_interval=2",
            "backbone.source=local", f"backbone.model={model}", "backbone.name=tiny_llama", "backbone.lora.r=4",
-           "backbone.lora.alpha=8",
+           "backbone.lora.lora_alpha=8",
            "dataset=jsonl", f"dataset.path={data}", f"dataset.val_size={VAL_ROWS}",
            "reward=embed_only", "reward.components.embedding.mode=continuous",
            "+reward.components.length._target_=run_probes.zero_for_ids",
@@ -61,7 +61,7 @@ def ddp_run(repo_root, tmp_path_factory):
            "algorithm=dapo", "algorithm.dynamic_sampling.max_tries=1", "algorithm.dynamic_sampling.min_mean=0.6",
            "algorithm.dynamic_sampling.max_mean=10.0",
            f"algorithm.group_size={GROUP}", f"algorithm.prompts_per_step={PROMPTS}",
-           "algorithm.max_new_tokens=8", "algorithm.mini_batch_size=4", "algorithm.lr=0.01", "algorithm.beta=0.01",
+           "algorithm.sampling.max_new_tokens=8", "algorithm.mini_batch_size=4", "algorithm.optimizer.lr=0.01", "algorithm.beta=0.01",
            f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", "callbacks.samples.every_n_steps=1",
            "+callbacks.record._target_=run_probes.StepRecorder", f"+callbacks.record.dirpath={tmp}/record",
            f"hydra.run.dir={tmp}/hydra", f"paths.output_dir={tmp}/out"]

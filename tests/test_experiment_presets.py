@@ -40,7 +40,7 @@ def test_preset_matches_the_released_script(name):
     model, algorithm, clip_low, clip_high, beta, aggregation, importance, dynamic = RECIPES[name]
     cfg = compose_preset(name)
     assert cfg.backbone.model == model and cfg.backbone._target_ == "medix.models.qwen_vl.load_qwen_vl"
-    assert not cfg.backbone.lora.enabled and cfg.backbone.train_vision_tower  # full fine-tune, vision tower too
+    assert cfg.backbone.lora is None and cfg.backbone.train_vision_tower  # full fine-tune, vision tower too
     algo = cfg.algorithm
     assert algo.name == algorithm
     assert (algo.clip_low, algo.clip_high, algo.beta) == pytest.approx((clip_low, clip_high, beta))
@@ -63,10 +63,10 @@ def test_preset_has_the_papers_batch_and_optimiser(name):
     assert algo.prompts_per_step * ranks == 512
     assert algo.mini_batch_size * ranks == 128 * 5
     assert algo.prompts_per_step * algo.group_size // algo.mini_batch_size == 4
-    assert algo.lr == pytest.approx(1e-6) and algo.warmup_steps == 0  # constant learning rate
-    assert algo.weight_decay == pytest.approx(0.01) and algo.max_grad_norm == 1.0
-    assert (algo.temperature, algo.top_p, algo.num_iterations) == (1.0, 1.0, 1)
-    assert algo.max_new_tokens == 4096
+    assert algo.optimizer.lr == pytest.approx(1e-6) and algo.warmup_steps == 0  # constant learning rate
+    assert algo.optimizer.weight_decay == pytest.approx(0.01) and algo.max_grad_norm == 1.0
+    assert (algo.sampling.temperature, algo.sampling.top_p, algo.num_iterations) == (1.0, 1.0, 1)
+    assert algo.sampling.max_new_tokens == 4096
     assert trainer.max_epochs == 2 and trainer.val_check_interval == 5
     assert cfg.callbacks.checkpoint.every_n_steps == 5
     assert trainer.max_steps == 200  # 2 epochs x ceil((51,335 - 512) / 512) steps
@@ -85,7 +85,7 @@ def test_preset_uses_the_papers_reward_judge_and_data(name):
 def test_a_preset_value_can_still_be_overridden_on_the_command_line():
     cfg = compose_preset("paper_8b_grpo", "trainer.devices=4", "algorithm.prompts_per_step=128", "judge=rule")
     assert cfg.trainer.devices == 4 and cfg.algorithm.prompts_per_step == 128 and "model" not in cfg.judge
-    assert cfg.algorithm.lr == pytest.approx(1e-6)
+    assert cfg.algorithm.optimizer.lr == pytest.approx(1e-6)
 
 
 def test_the_thinking_model_gets_its_own_run_name():

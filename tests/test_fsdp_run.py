@@ -23,9 +23,9 @@ def fsdp_run(repo_root, tmp_path_factory):
     # The command, plus: no judge (its server is not what this test is about), a reward with signal and no
     # weight decay, so the saved weights can only differ from the base through the policy gradient.
     cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", "trainer=fsdp", "trainer.accelerator=cpu",
-           "trainer.devices=2", "trainer.precision=32-true", "backbone.lora.enabled=false",
-           "reward=embed_only", "reward.components.embedding.mode=continuous", "algorithm.weight_decay=0",
-           "algorithm.lr=1e-4", "callbacks.checkpoint.every_n_steps=1",
+           "trainer.devices=2", "trainer.precision=32-true", "backbone.lora=null",
+           "reward=embed_only", "reward.components.embedding.mode=continuous", "algorithm.optimizer.weight_decay=0",
+           "algorithm.optimizer.lr=1e-4", "callbacks.checkpoint.every_n_steps=1",
            f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/hydra", f"paths.output_dir={tmp}/out"]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -22,7 +22,8 @@ def test_grpo_raises_a_learnable_reward(one_thread):
     L.seed_everything(0)
     algo = algorithm("grpo", group_size=8, prompts_per_step=4, max_new_tokens=TOKENS, mini_batch_size=32, lr=1e-2)
     reward = TargetWordReward(max_new_tokens=TOKENS)
-    module = GRPOModule(tiny_backbone(lora=False, seed=0), HFEngine(), reward, algo, reasoning_tag="thinking", seed=0)
+    module = GRPOModule(tiny_backbone(lora=False, seed=0), HFEngine(), reward, algorithm=algo, reasoning_tag="thinking",
+                        seed=0)
     logger = memory_logger()
     data = PromptDataModule.from_samples(word_samples(16), [], batch_size=4, seed=0)
     trainer(max_steps=STEPS, logger=logger).fit(module, datamodule=data)

@@ -33,8 +33,8 @@ def grpo(**overrides):
 
 def fit(backbone, algo, *, max_steps=1, samples=8, logger=None, reward=None, **trainer_kwargs):
     torch.manual_seed(0)
-    module = GRPOModule(backbone, HFEngine(), reward or TargetWordReward(max_new_tokens=TOKENS), algo,
-                        reasoning_tag="thinking")
+    module = GRPOModule(backbone, HFEngine(), reward or TargetWordReward(max_new_tokens=TOKENS), algorithm=algo,
+                        reasoning_tag="thinking", seed=0)
     data = PromptDataModule.from_samples(word_samples(samples), [], batch_size=algo.prompts_per_step, seed=0)
     logger = logger if logger is not None else memory_logger()
     trainer(max_steps=max_steps, logger=logger, **trainer_kwargs).fit(module, datamodule=data)
@@ -117,8 +117,8 @@ def test_full_finetune_step_updates_every_weight_against_a_frozen_reference_copy
 
 
 def test_no_reference_model_without_a_kl_term():
-    module = GRPOModule(tiny_backbone(lora=False), HFEngine(), TargetWordReward(), grpo(beta=0.0),
-                        reasoning_tag="thinking")
+    module = GRPOModule(tiny_backbone(lora=False), HFEngine(), TargetWordReward(), algorithm=grpo(beta=0.0),
+                        reasoning_tag="thinking", seed=0)
     assert module.ref_model is None
 
 
@@ -194,8 +194,8 @@ def test_validation_scores_with_its_own_reward_when_one_is_given():
     torch.manual_seed(0)
     train_reward, val_reward = TargetWordReward(max_new_tokens=TOKENS), LengthReward(max_new_tokens=TOKENS)
     algo = grpo()
-    module = GRPOModule(tiny_backbone(lora=True), HFEngine(), train_reward, algo, reasoning_tag="thinking",
-                        val_reward=val_reward)
+    module = GRPOModule(tiny_backbone(lora=True), HFEngine(), train_reward, algorithm=algo, reasoning_tag="thinking",
+                        seed=0, val_reward=val_reward)
     data = PromptDataModule.from_samples(word_samples(8), word_samples(3), batch_size=PROMPTS, seed=0)
     logger = memory_logger()
     trainer(max_steps=1, logger=logger, val_check_interval=1).fit(module, datamodule=data)
@@ -223,5 +223,5 @@ def test_micro_batches_give_the_mini_batch_gradient():
 @pytest.mark.parametrize("micro", [0, -1])
 def test_a_bad_micro_batch_size_names_the_key(micro):
     with pytest.raises(ConfigError, match="algorithm.micro_batch_size"):
-        GRPOModule(tiny_backbone(lora=True), HFEngine(), TargetWordReward(), grpo(micro_batch_size=micro),
-                   reasoning_tag="thinking")
+        GRPOModule(tiny_backbone(lora=True), HFEngine(), TargetWordReward(), algorithm=grpo(micro_batch_size=micro),
+                   reasoning_tag="thinking", seed=0)

@@ -31,7 +31,7 @@ KILL_AFTER_STEP = 3  # logged, but after the checkpoint of step 2: the resumed r
 # One prompt x 2 completions of 8 tokens per step; the continuous embedding reward differs between the two, so every
 # step updates the LoRA weights and the redone step matches only if weights, optimizer and RNG were all restored.
 OVERRIDES = ["experiment=smoke", "reward=embed_only", "reward.components.embedding.mode=continuous",
-             "algorithm.prompts_per_step=1", "algorithm.max_new_tokens=8", f"trainer.max_steps={MAX_STEPS}",
+             "algorithm.prompts_per_step=1", "algorithm.sampling.max_new_tokens=8", f"trainer.max_steps={MAX_STEPS}",
              f"callbacks.checkpoint.every_n_steps={CHECKPOINT_EVERY}", f"trainer.val_check_interval={MAX_STEPS}"]
 EVERY_STEP = ["loss", "kl", "clip_ratio", "entropy", "lr", "reward/overall/mean", "reward/embedding/mean",
               "completion/mean_length", "time/rollout_s"]

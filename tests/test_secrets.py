@@ -29,7 +29,7 @@ def test_secret_keys_are_recognised(key):
     assert is_secret_key(key)
 
 
-@pytest.mark.parametrize("key", ["judge.max_tokens", "algorithm.max_new_tokens", "judge_protocol.max_tokens",
+@pytest.mark.parametrize("key", ["judge.max_tokens", "algorithm.sampling.max_new_tokens", "judge_protocol.max_tokens",
                                  "tokenizer", "top_logprobs", "cache_key", "keyword", "monkey"])
 def test_token_counts_and_other_keys_stay_visible(key):
     assert not is_secret_key(key)
@@ -166,7 +166,7 @@ def test_mlflow_records_the_secret_keys_as_redacted(planted_run):
         [e.experiment_id for e in mlflow.MlflowClient().search_experiments()])
     params = run.data.params
     assert params["judge.api_key"] == REDACTED and params["judge.extra_body.user_token"] == REDACTED
-    assert params["judge.max_tokens"] == "4" and params["algorithm.max_new_tokens"] == "16"
+    assert params["judge.max_tokens"] == "4" and params["algorithm.sampling.max_new_tokens"] == "16"
     assert all(cli_key not in v and env_key not in v for v in [*params.values(), *run.data.tags.values()])
     hydra_config = (tmp / "hydra" / ".hydra" / "config.yaml").read_text()
     assert "api_key: ${oc.env:MEDIX_SECRET_JUDGE_API_KEY}" in hydra_config  # the value itself was never written

@@ -264,7 +264,7 @@ def test_lora_reference_a_vision_tower_that_trains_and_the_saved_adapter(images,
 def test_frozen_tower_without_lora_with_checkpointing(images):
     """No LoRA: GRPO deep-copies a reference, the trained policy is a model/ folder. Activation checkpointing drops
     the KV cache in training, so text rows are scored without the shared prompt forward (it crashed before)."""
-    backbone = build_backbone("tiny_vlm", **{"lora.enabled": False, "train_vision_tower": False,
+    backbone = build_backbone("tiny_vlm", **{"lora": None, "train_vision_tower": False,
                                              "gradient_checkpointing": True})
     model, processor = backbone.model.train(), backbone.processor
     assert not backbone.uses_lora and backbone.trained_folder_name() == "model"

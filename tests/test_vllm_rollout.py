@@ -23,7 +23,7 @@ def medix_run(repo_root, tmp, *overrides) -> tuple[dict[str, list[float]], list[
     require_vllm_python()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", PYTHONPATH=f"{repo_root}{os.pathsep}{repo_root / 'tests'}")
-    cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", "rollout=vllm", "algorithm.lr=1e-3",
+    cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", "rollout=vllm", "algorithm.optimizer.lr=1e-3",
            "trainer.max_steps=4", "reward=embed_only", "reward.components.embedding.mode=continuous",
            "rollout.server.cpu_threads_bind=0", "+callbacks.probe._target_=run_probes.EngineProbe",
            f"+callbacks.probe.dirpath={tmp}", f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db",
@@ -90,7 +90,7 @@ def test_dapo_refills_sample_from_the_engine_and_a_stale_server_shows_in_the_dif
 def test_a_full_fine_tune_reloads_the_weights_and_survives_a_killed_server(repo_root, tmp_path):
     """No LoRA: every step the new weights are reloaded into the server from an untied folder. The server is
     SIGKILLed after step 2: the engine starts a new one with the current weights, and the run goes on in sync."""
-    history, probes = medix_run(repo_root, tmp_path, "backbone.lora.enabled=false", "trainer.max_steps=3",
+    history, probes = medix_run(repo_root, tmp_path, "backbone.lora=null", "trainer.max_steps=3",
                                 "+callbacks.kill._target_=run_probes.KillServer", "+callbacks.kill.step=2")
     assert history["rollout/server_restarts"] == [0.0, 0.0, 1.0]
     assert max(history["rollout/logprob_diff/mean"]) <= 0.01, history["rollout/logprob_diff/mean"]

@@ -42,7 +42,8 @@ def served(policy, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm")
     weights = save_for_reload(base, tmp / "base")
     core = str(min(os.sched_getaffinity(0)))  # one core for the server, one for the HF references
-    server = VLLMServer(weights, python=python, tokenizer=folder, cpu_threads_bind=core, log_path=tmp / "vllm.log")
+    server = VLLMServer(weights, python=python, tokenizer=folder, cpu_threads_bind=core, max_lora_rank=16,
+                        log_path=tmp / "vllm.log")
     with server:
         with server.client() as client:
             yield server, client, weights

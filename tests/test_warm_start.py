@@ -121,11 +121,11 @@ def test_a_few_steps_teach_smollm2_the_form_and_the_saved_adapter_keeps_it(smoll
 
 
 def test_full_fine_tune_saves_a_model_folder_that_loads_back_in_place(tmp_path):
-    """backbone.lora.enabled=false: the whole model is trained and saved; loading it keeps what the loader set up
+    """backbone.lora=null: the whole model is trained and saved; loading it keeps what the loader set up
     (activation checkpointing), and a LoRA adapter that does not fit backbone.lora is an error, not a partial load."""
     base = save_tiny_model(tmp_path / "base")
     local = dict(source="local", model=base, name="tiny_llama", gguf=None)
-    full = build_backbone("smollm2_135m", **local, **{"lora.enabled": False})
+    full = build_backbone("smollm2_135m", **local, lora=None)
     assert not full.uses_lora and full.trained_folder_name() == "model"
     start = trainable(full.model)
     warm_start(full, SAMPLES, **settings(steps=2, lr=1e-2))
@@ -133,10 +133,10 @@ def test_full_fine_tune_saves_a_model_folder_that_loads_back_in_place(tmp_path):
     assert set(trained) == set(start) and any(not torch.equal(trained[n], start[n]) for n in start)
     folder = full.save_trained(tmp_path / "model")
     reloaded = build_backbone("smollm2_135m", **local, adapter=folder, gradient_checkpointing=True,
-                              **{"lora.enabled": False})
+                              lora=None)
     assert reloaded.model.is_activation_checkpointing
     assert all(torch.equal(p, trained[n]) for n, p in trainable(reloaded.model).items())
-    with pytest.raises(ConfigError, match="full fine-tuned model; load it with backbone.lora.enabled=false"):
+    with pytest.raises(ConfigError, match="full fine-tuned model; load it with backbone.lora=null"):
         build_backbone("smollm2_135m", **local, adapter=folder)
 
     lora = build_backbone("smollm2_135m", **local)
@@ -157,7 +157,7 @@ def test_one_row_at_a_time_gives_the_gradient_of_the_batch_mean_loss(tmp_path):
 
     base = save_tiny_model(tmp_path / "base")
     backbone = build_backbone("smollm2_135m", source="local", model=base, name="tiny_llama", gguf=None,
-                              **{"lora.enabled": False})
+                              lora=None)
     model = backbone.model.train()
     reference = copy.deepcopy(model)
     chosen = SAMPLES[:3]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from peft import LoraConfig
 
 from medix.data.samples import Sample
 from medix.models.base import Backbone
@@ -24,9 +25,8 @@ CACHE_DIR = os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache" / "medi
 VOCAB = 32
 EOS, PAD = 1, 2
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-LORA = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0,
-                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj"]})
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def composed(*overrides: str):
@@ -107,7 +107,7 @@ def tiny_backbone(*, lora: bool, seed: int = 0, model=None) -> Backbone:
     model = model if model is not None else tiny_model(seed=seed)
     if lora:
         torch.manual_seed(seed)
-        model = apply_lora(model, LORA)
+        model = apply_lora(model, LoraConfig(**LORA))
     return Backbone(model, word_tokenizer(), "tiny_llama")
 
 
@@ -135,15 +135,20 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def algorithm(name: str = "grpo", **overrides):
-    """conf/algorithm/<name>.yaml over its schema's defaults, with `key=value` overrides (dotted keys allowed)."""
+    """conf/algorithm/<name>.yaml over its schema's defaults, with `key=value` overrides (dotted keys allowed; `lr`
+    and `max_new_tokens` are short for `optimizer.lr` and `sampling.max_new_tokens`), built as medix.run builds it:
+    an AlgorithmConfig whose `optimizer` and `sampling` are objects."""
+    from hydra.utils import instantiate
+
     from medix.config import AlgorithmConfig
 
     own = OmegaConf.load(REPO / "conf" / "algorithm" / f"{name}.yaml")
     own.pop("defaults", None)
     cfg = OmegaConf.merge(OmegaConf.structured(AlgorithmConfig), own)
+    short = {"lr": "optimizer.lr", "weight_decay": "optimizer.weight_decay", "max_new_tokens": "sampling.max_new_tokens"}
     for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+        OmegaConf.update(cfg, short.get(key, key), value)
+    return instantiate(cfg, _convert_="object")
 
 
 def word_samples(n: int, prefix: str = "s") -> list[Sample]:
@@ -175,7 +180,7 @@ def trainer(max_steps: int | None = 1, **overrides):
     """The GRPO trainer (`trainer=cpu`'s target) for `max_steps` GRPO steps on one CPU process, no progress bar."""
     from medix.grpo.trainer import grpo_trainer
 
-    kwargs = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
+    kwargs = dict(accelerator="cpu", devices=1, enable_progress_bar=False, max_epochs=1000, val_check_interval=None)
     kwargs.update(overrides)
     return grpo_trainer(max_steps=max_steps, **kwargs)
 

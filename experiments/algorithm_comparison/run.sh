@@ -5,7 +5,7 @@ set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "${PYTHON:-python}" -m medix.run -m algorithm=grpo,dapo,gspo callbacks.warm_start.steps=0 \
   judge=rule reward.components.embedding.mode=continuous \
-  algorithm.lr=1e-4 algorithm.group_size=4 algorithm.prompts_per_step=2 algorithm.max_new_tokens=48 \
+  algorithm.optimizer.lr=1e-4 algorithm.group_size=4 algorithm.prompts_per_step=2 algorithm.sampling.max_new_tokens=48 \
   algorithm.mini_batch_size=8 algorithm.dynamic_sampling.max_tries=3 \
   trainer.max_steps=4 trainer.val_check_interval=4 dataset.val_size=8 \
   logger.tracking_uri=sqlite:///experiments/algorithm_comparison/mlflow.db \

@@ -7,7 +7,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLI
 out=outputs/learning_curve/$(date +%Y-%m-%d_%H-%M-%S)
 "${PYTHON:-python}" -m medix.run judge=rule reward.components.embedding.mode=continuous \
   callbacks.warm_start.steps=6 callbacks.warm_start.lr=1e-3 \
-  algorithm.lr=1e-4 algorithm.group_size=4 algorithm.prompts_per_step=2 algorithm.max_new_tokens=64 \
+  algorithm.optimizer.lr=1e-4 algorithm.group_size=4 algorithm.prompts_per_step=2 algorithm.sampling.max_new_tokens=64 \
   trainer.max_steps=30 trainer.val_check_interval=10 dataset.val_size=8 \
   logger.tracking_uri=sqlite:///experiments/learning_curve/mlflow.db logger.experiment_name=learning_curve \
   callbacks.samples.every_n_steps=5 hydra.run.dir="$out" "$@"

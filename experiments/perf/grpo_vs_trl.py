@@ -47,8 +47,8 @@ QWEN2_04B = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                  intermediate_size=2816, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
 QWEN2_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                   intermediate_size=128, vocab_size=4096, max_position_embeddings=1024, tie_word_embeddings=True)
-LORA = dict(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"])
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 FORBIDDEN_AT_IMPORT = ("hydra", "omegaconf", "mlflow", "openai")
 
 
@@ -230,7 +230,9 @@ def smollm2_backbone(args):
 
     cfg = yaml.safe_load((REPO / "conf/backbone/smollm2_135m.yaml").read_text())
     cfg.pop("defaults", None)
-    cfg.update(dtype=args.dtype, lora=Config(LORA, enabled=args.tuning == "lora"), gguf=Config(cfg["gguf"]),
+    from peft import LoraConfig
+
+    cfg.update(dtype=args.dtype, lora=LoraConfig(**LORA) if args.tuning == "lora" else None, gguf=Config(cfg["gguf"]),
                cache_dir=os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache/medix")))
     return load_causal_lm(**cfg)
 
@@ -241,13 +243,9 @@ def build_models(args, device: str):
     from medix.models.loading import apply_lora
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    lora = Config(LORA, enabled=True)
-    peft_config = None
-    if args.tuning == "lora":
-        from peft import LoraConfig
+    from peft import LoraConfig
 
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    peft_config = LoraConfig(**LORA) if args.tuning == "lora" else None
     if args.model == "smollm2_135m":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -277,25 +275,32 @@ def build_models(args, device: str):
     trl_model = copy.deepcopy(model)
     if args.tuning == "lora":
         torch.manual_seed(0)
-        model = apply_lora(model, lora)
+        model = apply_lora(model, LoraConfig(**LORA))
     n_params = sum(p.numel() for p in trl_model.parameters())
     print(f"model: Qwen2 random init, {n_params / 1e6:.0f}M parameters, {dtype}", flush=True)
     return SyntheticBackbone(model, synthetic_tokenizer(config.vocab_size), args.model), \
         trl_model, synthetic_tokenizer(config.vocab_size), peft_config
 
 
-def algorithm_config(args) -> Config:
-    """conf/algorithm/grpo.yaml with the step matched to TRL's (see README.md)."""
+def algorithm_config(args):
+    """conf/algorithm/grpo.yaml over its schema (medix.config.AlgorithmConfig) with the step matched to TRL's (see
+    README.md), built as medix.run builds it (the optimizer a partial, sampling a Sampling) but without Hydra."""
+    import dataclasses
+    import functools
+
     import yaml
 
-    algo = yaml.safe_load((REPO / "conf/algorithm/grpo.yaml").read_text())
-    algo.pop("defaults", None)
-    algo.setdefault("mismatch_correction", {"enabled": False, "mode": "sequence_mask", "clip_max": 3.0,
-                                            "clip_min": None})
-    algo.update(group_size=args.group, prompts_per_step=args.prompts, beta=0.0, num_iterations=1,
-                mini_batch_size=args.prompts * args.group, max_new_tokens=args.completion,
-                min_new_tokens=args.min_new_tokens, lr=args.lr, temperature=1.0, top_p=1.0)
-    return Config(algo)
+    from medix.config import AlgorithmConfig
+    from medix.rollout.base import Sampling
+
+    own = yaml.safe_load((REPO / "conf/algorithm/grpo.yaml").read_text())
+    own.pop("defaults", None)
+    algo = dataclasses.replace(AlgorithmConfig(), **own)
+    optimizer = functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=algo.optimizer.weight_decay)
+    sampling = Sampling(max_new_tokens=args.completion, min_new_tokens=args.min_new_tokens, temperature=1.0, top_p=1.0)
+    return dataclasses.replace(algo, group_size=args.group, prompts_per_step=args.prompts, beta=0.0,
+                               num_iterations=1, mini_batch_size=args.prompts * args.group, optimizer=optimizer,
+                               sampling=sampling)
 
 
 def build_engine(args, workdir: Path):
@@ -402,10 +407,10 @@ def run_medix(args, backbone, engine, datamodule, reward_fn, turns: Turns, log: 
                 print(f"  medix non-finite after step {len(log.steps)}: {len(bad)} tensors, e.g. {bad[:4]}", flush=True)
             turns.give("medix")
 
-    module = GRPOModule(backbone, engine, BenchReward(reward_fn), algo, reasoning_tag="thinking", seed=0)
+    module = GRPOModule(backbone, engine, BenchReward(reward_fn), algorithm=algo, reasoning_tag="thinking", seed=0)
     precision = "bf16-mixed" if args.mixed == "bf16" else "bf16-true" if args.dtype == "bfloat16" else "32-true"
-    trainer = grpo_trainer(max_steps=total, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-                           precision=precision, callbacks=[Clock()], enable_progress_bar=False,
+    trainer = grpo_trainer(max_steps=total, max_epochs=1000, val_check_interval=None,
+                           accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision, callbacks=[Clock()], enable_progress_bar=False,
                            default_root_dir=tempfile.mkdtemp(prefix="medix-perf-"))
     try:
         trainer.fit(module, datamodule=datamodule)

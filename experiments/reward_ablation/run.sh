@@ -9,7 +9,7 @@ set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "${PYTHON:-python}" -m medix.run -m reward=${REWARDS:-composite,llm_only,embed_only,llm_embed} +reward@val_reward=composite \
   reward.components.embedding.mode=continuous val_reward.components.embedding.mode=continuous \
-  algorithm.lr=3e-4 trainer.max_steps=16 trainer.val_check_interval=8 \
+  algorithm.optimizer.lr=3e-4 trainer.max_steps=16 trainer.val_check_interval=8 \
   callbacks.samples.every_n_steps=1 callbacks.reward_hacking.window=6 \
   logger.tracking_uri=sqlite:///experiments/reward_ablation/mlflow.db logger.experiment_name=reward_ablation \
   hydra.sweep.dir=outputs/reward_ablation/$(date +%Y-%m-%d_%H-%M-%S) "$@"

@@ -26,12 +26,12 @@ PROMPTS = ("paper", "judge")
 class ProtocolSettings:
     """`judge_protocol.*` of conf/eval.yaml."""
 
-    rounds: int = 3
-    max_parse_retries: int = 2
-    parse_failure_score: float = 0.0
-    max_tokens: int = 512
-    prompt_suffix: str = ""
-    prompt: str = "paper"
+    rounds: int
+    max_parse_retries: int
+    parse_failure_score: float
+    max_tokens: int
+    prompt_suffix: str
+    prompt: str
 
     def __post_init__(self):
         if self.prompt not in PROMPTS:

@@ -48,7 +48,7 @@ def check_model_config(cfg: DictConfig) -> None:
 
 
 def load_tasks(cfg: DictConfig, output_dir: Path) -> list[LoadedTask]:
-    if cfg.benchmark.get("missing", "error") not in ("error", "skip"):
+    if cfg.benchmark.missing not in ("error", "skip"):
         raise ConfigError(f"benchmark.missing={cfg.benchmark.missing!r}; expected error or skip")
     tasks = []
     for spec in task_specs(cfg.benchmark):
@@ -89,17 +89,13 @@ def build_generator(cfg: DictConfig):
     return BackboneGenerator(backbone, **options)
 
 
-def protocol_settings(cfg: DictConfig) -> ProtocolSettings:
-    protocol = cfg.judge_protocol
-    return ProtocolSettings(rounds=protocol.rounds, max_parse_retries=protocol.max_parse_retries,
-                            parse_failure_score=protocol.parse_failure_score, max_tokens=protocol.max_tokens,
-                            prompt_suffix=protocol.prompt_suffix or "", prompt=protocol.prompt)
-
-
 def evaluation_judge(client, cfg: DictConfig) -> ConversationJudge | RuleVerdicts:
     """The paper's conversation on an LLM judge client; one verdict per item for a judge without chat turns (rule)."""
+    from medix.config import build
+
     if hasattr(client, "areply"):
-        return ConversationJudge(client, protocol_settings(cfg), cfg.reasoning_tag)
+        settings: ProtocolSettings = build(cfg.judge_protocol)
+        return ConversationJudge(client, settings, cfg.reasoning_tag)
     return RuleVerdicts(client, cfg.reasoning_tag)
 
 

@@ -61,7 +61,9 @@ class GRPOModule(L.LightningModule):
     """One training step = one GRPO step: `prompts_per_step` prompts × `group_size` completions, scored, and the
     policy updated in mini-batches. Logs `reward/<c>/mean|std`, `loss`, `kl`, `clip_ratio`, `entropy`, ..."""
 
-    def __init__(self, backbone, engine, reward, algorithm, *, reasoning_tag: str, seed: int = 0, val_reward=None):
+    def __init__(self, backbone, engine, reward, *, algorithm, reasoning_tag: str, seed: int, val_reward=None):
+        """`algorithm`: the built `algorithm` node (medix.config.AlgorithmConfig with `optimizer` a partial of the
+        optimizer class and `sampling` a Sampling), as `hydra.utils.instantiate(cfg.module, ...)` gives it."""
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights (with LoRA: the adapter)
@@ -76,8 +78,7 @@ class GRPOModule(L.LightningModule):
             raise ConfigError(f"algorithm.micro_batch_size={micro!r}; expected an integer >= 1 or null (the whole "
                               "mini-batch)")
         self.reasoning_tag = reasoning_tag
-        self.sampling = Sampling(max_new_tokens=algorithm.max_new_tokens, temperature=algorithm.temperature,
-                                 top_p=algorithm.top_p, min_new_tokens=algorithm.min_new_tokens)
+        self.sampling: Sampling = algorithm.sampling
         self.grpo_step = 0
         self.refill_rng = random.Random(seed)
         # The KL reference: with LoRA the adapter switched off (no copy); a full fine-tune keeps a frozen copy, made
@@ -112,7 +113,7 @@ class GRPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
+        optimizer = self.algo.optimizer(params)
         warmup = max(int(self.algo.warmup_steps), 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return [optimizer], [schedule]
@@ -260,7 +261,7 @@ class GRPOModule(L.LightningModule):
             logp, old, advantages[rows], part_mask,
             clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
             importance=algo.importance, beta=algo.beta, ref_logp=None if ref_logp is None else ref_logp[rows],
-            max_completion_length=algo.max_new_tokens, denominator=denominator, is_weights=is_weights)
+            max_completion_length=self.sampling.max_new_tokens, denominator=denominator, is_weights=is_weights)
         if not counted:
             return loss, {}
         m = {k: float(v) for k, v in m.items()}

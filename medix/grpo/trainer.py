@@ -8,8 +8,8 @@ from medix.errors import ConfigError
 from medix.grpo.callbacks import StopAfterSteps
 
 
-def grpo_trainer(*, max_steps: int | None, max_epochs: int | None = 1000, val_check_interval: int | None = None,
-                 callbacks=None, logger=None, **trainer_kwargs) -> L.Trainer:
+def grpo_trainer(*, max_steps: int | None, max_epochs: int | None, val_check_interval: int | None, callbacks=None,
+                 logger=None, **trainer_kwargs) -> L.Trainer:
     """A Lightning Trainer that runs `max_steps` GRPO steps (one training batch each; None: until `max_epochs`
     ends) and validates every `val_check_interval` of them (None: never) and after the last one. Every other keyword
     is Lightning's (accelerator, devices, strategy, precision, num_nodes, default_root_dir, ...)."""

@@ -67,8 +67,7 @@ class WarmStart(Callback):
     """`callbacks.warm_start`: the supervised steps at the start of training (not when resuming: the checkpoint
     holds the warmed weights)."""
 
-    def __init__(self, *, steps: int = 0, lr: float = 1e-4, batch_size: int = 4, thinking: str = "",
-                 reasoning_tag: str = "thinking", seed: int = 0):
+    def __init__(self, *, steps: int, lr: float, batch_size: int, thinking: str, reasoning_tag: str, seed: int):
         for key, value, least in (("steps", steps, 0), ("batch_size", batch_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"callbacks.warm_start.{key}={value!r}; expected an integer >= {least}")

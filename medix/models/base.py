@@ -131,7 +131,7 @@ def load_trained_weights(model, folder: str | Path):
     if (folder / "config.json").is_file():
         if isinstance(model, PeftModel):
             raise ConfigError(f"adapter {str(folder)!r} is a full fine-tuned model; load it with "
-                              "backbone.lora.enabled=false")
+                              "backbone.lora=null")
         saved = type(model).from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
         try:
             model.load_state_dict(saved.state_dict())

@@ -22,7 +22,7 @@ def load_causal_lm(*, name: str, source: str, model: str, gguf=None, dtype: str 
         raise MedixError(f"backbone.model={path!r} could not be loaded ({exc.__class__.__name__}: {exc})") from exc
     if gradient_checkpointing:
         enable_activation_checkpointing(network)
-    if lora is not None and lora.enabled:
+    if lora is not None:
         network = apply_lora(network, lora)
     backbone = Backbone(network, tokenizer, name, path=str(path))
     if adapter:

@@ -34,12 +34,10 @@ def model_folder(*, name: str, source: str, model: str, gguf, cache_dir: str | P
 
 
 def apply_lora(model, lora):
-    """Wrap `model` with a peft LoRA adapter per `backbone.lora` (r, alpha, dropout, target_modules)."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap `model` with a peft LoRA adapter: `lora` is the built `backbone.lora` (a peft.LoraConfig)."""
+    from peft import get_peft_model
 
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora)
 
 
 def enable_activation_checkpointing(model) -> None:

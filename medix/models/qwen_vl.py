@@ -54,10 +54,10 @@ def load_qwen_vl(*, name: str, source: str, model: str, gguf=None, dtype: str = 
                  train_vision_tower: bool = True, cache_dir: str) -> QwenVL:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if lora is not None and lora.enabled and train_vision_tower:
+    if lora is not None and train_vision_tower:
         raise ConfigError(f"backbone={name}: LoRA trains only its adapters, so backbone.train_vision_tower=true would "
                           "leave the vision tower frozen without saying so; set backbone.train_vision_tower=false with "
-                          "LoRA, or backbone.lora.enabled=false for a full fine-tune (the paper's)")
+                          "LoRA, or backbone.lora=null for a full fine-tune (the paper's)")
     path = model_folder(name=name, source=source, model=model, gguf=gguf, cache_dir=cache_dir)
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -68,7 +68,7 @@ def load_qwen_vl(*, name: str, source: str, model: str, gguf=None, dtype: str = 
         freeze_vision_tower(network)
     if gradient_checkpointing:
         enable_activation_checkpointing(network)
-    if lora is not None and lora.enabled:
+    if lora is not None:
         network = apply_lora(network, lora)
     backbone = QwenVL(network, processor.tokenizer, name, processor, path=str(path))
     if adapter:

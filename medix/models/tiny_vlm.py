@@ -339,7 +339,7 @@ def load_tiny_vlm(*, name: str, source: str, model: str, gguf=None, language_mod
     tower = build_vision_tower(vision, lm.config.hidden_size, embedding_std).to(torch_dtype(dtype))
     tower.requires_grad_(bool(train_vision_tower))
     tokens_per_image = (int(vision.image_size) // int(vision.patch_size)) ** 2
-    lora_on = lora is not None and lora.enabled
+    lora_on = lora is not None
     if lora_on:
         lm = apply_lora(lm, lora)
     network = TinyVLM(lm, tower, image_token_id, tokens_per_image)

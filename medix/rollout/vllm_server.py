@@ -111,7 +111,7 @@ class VLLMServer(ServerProcess):
     def __init__(self, model: str | Path, *, python: str | Path | None = None, served_model_name: str = "policy",
                  tokenizer: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
                  dtype: str = "float32", max_model_len: int = 2048,
-                 max_lora_rank: int | None = 16, max_loras: int = 1, block_size: int = 32,
+                 max_lora_rank: int | None = None, max_loras: int = 1, block_size: int = 32,
                  kv_cache_space_gib: float = 2, cpu_threads_bind: str | None = "auto", seed: int = 0,
                  extra_args: tuple[str, ...] | list[str] = (), env: dict[str, str] | None = None,
                  startup_timeout_s: float = 600.0, log_path: str | Path | None = None):
