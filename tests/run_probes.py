@@ -146,3 +146,34 @@ class KillServer(Callback):
 
         if pl_module.grpo_step == self.step:
             os.killpg(pl_module.engine.server.process.pid, signal.SIGKILL)
+
+
+class GradientSyncCounter(Callback):
+    """Counts DDP's gradient all-reduces (a communication hook around the default one, so each bucket reduced is
+    counted) and the optimizer steps of each GRPO step; writes `rank<R>_syncs.jsonl` in `dirpath`. The tiny test
+    model's trainable gradients fit one bucket, so one gradient synchronisation is one all-reduce."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self.allreduces = 0
+        self.optimizer_steps_before = 0
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counted(state, bucket):
+            self.allreduces += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.strategy.model.register_comm_hook(None, counted)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.allreduces = 0
+        self.optimizer_steps_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        record = {"step": pl_module.grpo_step, "allreduces": self.allreduces,
+                  "optimizer_steps": trainer.global_step - self.optimizer_steps_before}
+        with open(self.dirpath / f"rank{trainer.global_rank}_syncs.jsonl", "a") as out:
+            out.write(json.dumps(record) + "\n")

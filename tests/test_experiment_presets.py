@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from medix.config import register_configs
+from medix.grpo.plan import update_plan
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -62,7 +63,8 @@ def test_preset_has_the_papers_batch_and_optimiser(name):
     assert algo.group_size == 5
     assert algo.prompts_per_step * ranks == 512
     assert algo.mini_batch_size * ranks == 128 * 5
-    assert algo.prompts_per_step * algo.group_size // algo.mini_batch_size == 4
+    plan = update_plan(algo.prompts_per_step * algo.group_size, algo.mini_batch_size, algo.micro_batch_size)
+    assert len(plan) == 4 and {len(step) for step in plan} == {algo.mini_batch_size // algo.micro_batch_size}
     assert algo.optimizer.lr == pytest.approx(1e-6) and algo.warmup_steps == 0  # constant learning rate
     assert algo.optimizer.weight_decay == pytest.approx(0.01) and algo.max_grad_norm == 1.0
     assert (algo.sampling.temperature, algo.sampling.top_p, algo.num_iterations) == (1.0, 1.0, 1)

@@ -6,16 +6,19 @@ import copy
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from medix.data.datamodule import PromptBatch
-from medix.grpo.logprobs import completion_logprobs
 from medix.errors import ConfigError
+from medix.grpo.logprobs import completion_logprobs
+from medix.grpo.plan import MicroBatch, padded_plan, passes_per_step, update_plan
 from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator,
                                mismatch_weights, policy_loss)
 from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
@@ -79,6 +82,9 @@ class GRPOModule(L.LightningModule):
                               "mini-batch)")
         self.reasoning_tag = reasoning_tag
         self.sampling: Sampling = algorithm.sampling
+        self.loss_settings = dict(clip_low=algorithm.clip_low, clip_high=algorithm.clip_high,
+                                  aggregation=algorithm.aggregation, importance=algorithm.importance,
+                                  beta=algorithm.beta, max_completion_length=self.sampling.max_new_tokens)
         self.grpo_step = 0
         self.refill_rng = random.Random(seed)
         # The KL reference: with LoRA the adapter switched off (no copy); a full fine-tune keeps a frozen copy, made
@@ -175,98 +181,122 @@ class GRPOModule(L.LightningModule):
         return Scored(batch, rollout, self.reward_thread.submit(judged) if background else judged(), G)
 
     def update(self, trained: Scored) -> dict[str, float]:
-        """`num_iterations` passes over the rollout in mini-batches of `mini_batch_size` completions, one optimizer
-        step each, its gradient summed over forward/backward passes of `micro_batch_size` rows. Data-parallel ranks
-        take as many steps (and passes) as the rank with the most (the others add empty ones) and normalise each loss
-        by the mini-batch's token (or row) count over every rank."""
+        """`num_iterations` passes over the rollout, one optimizer step per mini-batch of the plan (`update_plan`),
+        its gradient summed over the backwards of its micro-batches and all-reduced once, after the last of them.
+        Data-parallel ranks run the same number of steps and backwards (padding passes where a rank has fewer rows)
+        and normalise each loss by the mini-batch's token (or row) count over every rank."""
         t0 = time.perf_counter()
+        algo = self.algo
+        plan = self.plan(len(trained.rollout))
+        batch = self.prepare(trained, plan)
+        self.timings["reward_wait"] = batch.reward_wait_s
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        self.model.train()  # HF models load in eval mode; activation checkpointing acts in train mode only
+        means = StepMeans()
+        for iteration in range(int(algo.num_iterations)):
+            for step in plan:
+                counted = [r for micro in step if micro.counted for r in micro.rows]
+                local = loss_denominator(batch.mask[counted], algo.aggregation) if counted else 0.0
+                denominator = self.across_ranks(local, "sum") / self.world_size  # of the whole mini-batch
+                optimizer.zero_grad()
+                step_loss = 0.0
+                for index, micro in enumerate(step):
+                    with self.gradient_sync(enabled=index == len(step) - 1):
+                        loss, metrics = self.micro_batch_loss(batch, micro, denominator, iteration)
+                        self.manual_backward(loss)  # gradients add up over the micro-batches
+                    step_loss += float(loss.detach())
+                    means.add(metrics)
+                if algo.max_grad_norm:
+                    self.clip_gradients(optimizer, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
+                means.add({"loss": step_loss})  # every rank's, padding included: their mean over ranks is the loss
+        self.timings["update"] = time.perf_counter() - t0 - batch.reward_wait_s
+        return means.compute()
+
+    def plan(self, n_rows: int) -> list[list[MicroBatch]]:
+        """This rank's optimizer steps and their micro-batches, padded so that every rank runs as many of both."""
+        algo = self.algo
+        plan = update_plan(n_rows, int(algo.mini_batch_size), algo.micro_batch_size)
+        if self.world_size == 1:
+            return plan
+        steps = int(self.across_ranks(len(plan), "max"))
+        passes = self.across_ranks(torch.tensor(passes_per_step(plan, steps)), "max")
+        return padded_plan(plan, [int(n) for n in passes])
+
+    def prepare(self, trained: Scored, plan: list[list[MicroBatch]]) -> "UpdateBatch":
+        """What every micro-batch's loss reads: the rollout, the loss mask, the advantages and the old and reference
+        log-probs (scored before the rewards are awaited: the judge works meanwhile)."""
         algo, rollout = self.algo, trained.rollout
-        size = min(int(algo.mini_batch_size), len(rollout))
-        chunks = [list(range(i, min(i + size, len(rollout)))) for i in range(0, len(rollout), size)]
-        n_real = len(chunks)
-        chunks += [[0]] * (self.max_across_ranks(n_real) - n_real)
-        reuse_logp = algo.num_iterations == 1 and len(chunks) == 1  # on-policy single update: old = current, detached
-        old_logp = None if reuse_logp else self.score_rows(rollout, chunks[:n_real], self.model)
-        ref_logp = self.reference_logprobs(rollout, chunks[:n_real]) if algo.beta > 0 else None
+        steps = [[r for micro in step if micro.counted for r in micro.rows] for step in plan]
+        steps = [rows for rows in steps if rows]
+        reuse_logp = algo.num_iterations == 1 and len(plan) == 1  # on-policy single update: old = current, detached
+        old_logp = None if reuse_logp else self.score_rows(rollout, steps, self.model)
+        ref_logp = self.reference_logprobs(rollout, steps) if algo.beta > 0 else None
         waiting = time.perf_counter()
         rewards = trained.overall  # the first thing here that needs the rewards
-        self.timings["reward_wait"] = time.perf_counter() - waiting
+        reward_wait_s = time.perf_counter() - waiting
         device = rollout.input_ids.device
         advantages = group_advantages(rewards, algo.group_size, scale=algo.advantage_scale, eps=algo.eps).to(device)
         mask = rollout.completion_mask.float()
         mask[torch.isnan(rewards).to(device)] = 0.0  # judge failures excluded: no gradient from them
         if algo.mask_truncated:
             mask[rollout.truncated] = 0.0
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        self.model.train()  # HF models load in eval mode; activation checkpointing acts in train mode only
-        totals: dict[str, list[float]] = {}
-        micro = int(getattr(algo, "micro_batch_size", None) or size)
-        for iteration in range(int(algo.num_iterations)):
-            for index, rows in enumerate(chunks):
-                real = index < n_real
-                local = loss_denominator(mask[rows], algo.aggregation) if real else 0.0
-                denominator = self.sum_across_ranks(local) / self.world_size  # of the whole mini-batch
-                parts = [rows[i:i + micro] for i in range(0, len(rows), micro)]
-                n_parts = len(parts)
-                parts += [rows[:1]] * (self.max_across_ranks(n_parts) - n_parts)  # every rank: as many backwards
-                optimizer.zero_grad()
-                chunk_loss = 0.0
-                for part_index, part_rows in enumerate(parts):
-                    counted = real and part_index < n_parts
-                    loss, m = self.micro_batch_loss(rollout, part_rows, counted, mask, advantages, old_logp, ref_logp,
-                                                    denominator, reuse_logp, iteration, totals)
-                    self.manual_backward(loss)  # gradients add up over the micro-batches: one mini-batch's gradient
-                    chunk_loss += float(loss.detach())
-                    for k, v in m.items():
-                        totals.setdefault(k, []).append(v)
-                if algo.max_grad_norm:
-                    self.clip_gradients(optimizer, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                scheduler.step()
-                # Every rank's loss, empty mini-batches included, so their mean over ranks is the global loss.
-                totals.setdefault("loss", []).append(chunk_loss)
-        self.timings["update"] = time.perf_counter() - t0 - self.timings["reward_wait"]
-        gaps = totals.pop("engine", [])
-        metrics = {k: sum(v) / len(v) for k, v in totals.items()}
-        if gaps:  # |engine - trainer| log-prob of the sampled tokens: a broken or stale sync shows here
-            metrics["rollout/logprob_diff/mean"] = sum(g[0] for g in gaps) / max(sum(g[1] for g in gaps), 1.0)
-            metrics["rollout/logprob_diff/max"] = max(g[2] for g in gaps)
-        return metrics
+        return UpdateBatch(rollout, mask, advantages, old_logp, ref_logp, reward_wait_s)
 
-    def micro_batch_loss(self, rollout: Rollout, rows: list[int], counted: bool, mask, advantages, old_logp,
-                         ref_logp, denominator: float, reuse_logp: bool, iteration: int, totals: dict):
-        """The policy loss of `rows` (a micro-batch) over `denominator` (its mini-batch's token or row count), and
-        its metrics when `counted` (padding micro-batches have a zero mask: no gradient, no metrics)."""
-        algo = self.algo
-        part = select_rows(rollout, rows)
-        part_mask = mask[rows] if counted else torch.zeros_like(mask[rows])
+    def micro_batch_loss(self, batch: "UpdateBatch", micro: MicroBatch, denominator: float,
+                         iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The policy loss of a micro-batch over `denominator` (its mini-batch's token or row count), and its metrics
+        (none for a padding pass, whose zero mask gives no gradient)."""
+        algo, rows = self.algo, micro.rows
+        part = select_rows(batch.rollout, rows)
+        mask = batch.mask[rows] if micro.counted else torch.zeros_like(batch.mask[rows])
         logp, entropy = run_as_forward(self.model, completion_logprobs, self.model, part.input_ids,
                                        part.attention_mask, part.prompt_length, self.backbone.model_inputs(part),
                                        with_entropy=True)
-        old = logp.detach() if reuse_logp else old_logp[rows]  # the trainer's log-probs at sampling time
-        engine_logp, correction = rollout.engine_logprobs, algo.mismatch_correction
+        old = logp.detach() if batch.old_logp is None else batch.old_logp[rows]  # the log-probs at sampling time
+        metrics: dict[str, float] = {}
         is_weights = None
-        if engine_logp is not None and counted:
-            if iteration == 0:
-                totals.setdefault("engine", []).append(engine_gap(old, engine_logp[rows], part.completion_mask))
-            if correction.enabled:
-                is_weights, wm = mismatch_weights(old, engine_logp[rows], part_mask, mode=correction.mode,
-                                                  clip_max=correction.clip_max, clip_min=correction.clip_min)
-                for k, v in wm.items():
-                    totals.setdefault(k, []).append(float(v))
-        elif correction.enabled and counted and engine_logp is None:
+        engine_logp, correction = batch.rollout.engine_logprobs, algo.mismatch_correction
+        if engine_logp is None and correction.enabled:
             raise ConfigError("algorithm.mismatch_correction.enabled needs an engine that reports its sampling "
                               "log-probs (rollout=vllm); rollout=hf samples with the trainer's own weights")
-        loss, m = policy_loss(
-            logp, old, advantages[rows], part_mask,
-            clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
-            importance=algo.importance, beta=algo.beta, ref_logp=None if ref_logp is None else ref_logp[rows],
-            max_completion_length=self.sampling.max_new_tokens, denominator=denominator, is_weights=is_weights)
-        if not counted:
+        if engine_logp is not None and micro.counted:
+            if iteration == 0:  # |engine - trainer| log-prob of the sampled tokens: a stale or broken sync shows
+                metrics.update(engine_gap(old, engine_logp[rows], part.completion_mask))
+            if correction.enabled:
+                is_weights, weight_metrics = mismatch_weights(old, engine_logp[rows], mask, mode=correction.mode,
+                                                              clip_max=correction.clip_max,
+                                                              clip_min=correction.clip_min)
+                metrics.update({k: float(v) for k, v in weight_metrics.items()})
+        loss, loss_metrics = policy_loss(
+            logp, old, batch.advantages[rows], mask, ref_logp=None if batch.ref_logp is None else batch.ref_logp[rows],
+            denominator=denominator, is_weights=is_weights, **self.loss_settings)
+        if not micro.counted:
             return loss, {}
-        m = {k: float(v) for k, v in m.items()}
-        m["entropy"] = float((entropy * part_mask).sum() / part_mask.sum().clamp(min=1.0))
-        return loss, m
+        metrics.update({k: float(v) for k, v in loss_metrics.items()})
+        metrics["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1.0))
+        return loss, metrics
+
+    @contextmanager
+    def gradient_sync(self, enabled: bool):
+        """Within it, a backward reduces gradients across data-parallel ranks only when `enabled` (the last
+        micro-batch of an optimizer step): DDP's no_sync through Lightning's `block_backward_sync`, FSDP2's
+        `set_requires_gradient_sync`. One process: nothing to do."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if enabled or self.world_size == 1:
+            yield
+        elif is_sharded(self.model):
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        elif isinstance(strategy, ParallelStrategy):
+            with strategy.block_backward_sync():
+                yield
+        else:
+            yield
 
     @torch.no_grad()
     def score_rows(self, rollout: Rollout, chunks: list[list[int]], model) -> torch.Tensor:
@@ -311,12 +341,12 @@ class GRPOModule(L.LightningModule):
             self.sampled_rewards.update(part.rewards)
         rewards = self.sampled_rewards.compute()
         self.sampled_rewards.reset()
-        groups = self.sum_across_ranks(sum(len(part.prompts) for part in sampled))
+        groups = self.across_ranks(sum(len(part.prompts) for part in sampled), "sum")
         weights = getattr(self.reward, "weights", dict.fromkeys(self.reward.names, 1.0))
         for name in ["overall", *[n for n, w in weights.items() if w > 0]]:  # groups whose rewards are all equal
             flat = sum(frac_reward_zero_std(scores_of(part.rewards, name), G) * len(part.prompts) for part in sampled)
             key = "frac_reward_zero_std" if name == "overall" else f"frac_reward_zero_std/{name}"
-            rewards[key] = self.sum_across_ranks(flat) / max(groups, 1.0)
+            rewards[key] = self.across_ranks(flat, "sum") / max(groups, 1.0)
         if self.algo.dynamic_sampling.enabled:
             self.kept_rewards.update(trained.rewards)
             rewards.update({f"kept/{k}": v for k, v in self.kept_rewards.compute().items()})
@@ -358,15 +388,14 @@ class GRPOModule(L.LightningModule):
     def world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
 
-    def sum_across_ranks(self, value: float) -> float:
+    def across_ranks(self, value, op: str):
+        """`value` (a number or a tensor) reduced over the data-parallel ranks with Lightning's strategy (`op`: sum or
+        max); as it is on one process."""
         if self.world_size <= 1:
-            return float(value)
-        return float(self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="sum"))
-
-    def max_across_ranks(self, value: int) -> int:
-        if self.world_size <= 1:
-            return int(value)
-        return int(self.all_gather(torch.tensor(value, device=self.device)).max())
+            return value
+        tensor = torch.as_tensor(value, dtype=torch.float64 if not torch.is_tensor(value) else None, device=self.device)
+        reduced = self.trainer.strategy.reduce(tensor, reduce_op=op)
+        return float(reduced) if not torch.is_tensor(value) else reduced
 
     # ---- checkpoints and the trained policy ----------------------------------------------------------------------
     def save_trained(self, root) -> Path:
@@ -407,10 +436,39 @@ def scores_of(rewards: RewardBatch, name: str) -> torch.Tensor:
     return torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32)
 
 
-def engine_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
-    """(sum, count, max) of |engine - trainer| over the completion tokens of a mini-batch."""
+def engine_gap(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean and max of |engine - trainer| over the completion tokens of a micro-batch."""
     gap = (engine_logp - trainer_logp).abs() * mask
-    return float(gap.sum()), float(mask.sum()), float(gap.max()) if gap.numel() else 0.0
+    return {"rollout/logprob_diff/mean": float(gap.sum() / mask.sum().clamp(min=1.0)),
+            "rollout/logprob_diff/max": float(gap.max()) if gap.numel() else 0.0}
+
+
+@dataclass
+class UpdateBatch:
+    """What the losses of one update read (`GRPOModule.prepare`); old_logp None: on-policy, the current log-probs
+    detached stand in for them."""
+
+    rollout: Rollout
+    mask: torch.Tensor  # [N, T] completion tokens that count (judge failures and, if asked, truncated rows: 0)
+    advantages: torch.Tensor  # [N]
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    reward_wait_s: float
+
+
+class StepMeans:
+    """The metrics of an update's micro-batches, each averaged over them (a `/max` key: the largest). Lightning's
+    `log_dict(sync_dist=True)` then reduces them over the ranks."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.values.setdefault(key, []).append(value)
+
+    def compute(self) -> dict[str, float]:
+        return {k: max(v) if k.endswith("/max") else sum(v) / len(v) for k, v in self.values.items()}
 
 
 def rng_state() -> dict:
