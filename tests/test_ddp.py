@@ -1,6 +1,7 @@
 """trainer=ddp on CPU: one real `python -m medix.run` with 2 gloo processes, each rolling out its own prompts.
 
-A tiny random Llama with LoRA (the KL reference is the disabled adapter), the MiniLM embedding reward plus a
+A tiny random Llama with LoRA (the KL reference is the disabled adapter), a 2-step warm start whose rows the ranks
+share, 4 micro-batches of one row per mini-batch of four, the MiniLM embedding reward plus a
 component that scores 0 for one chosen prompt, DAPO's filter without refills (so at step 1 rank 1 keeps one prompt
 group to rank 0's two: one mini-batch to two, and rank 1 adds an empty one), `trainer.max_steps=null` (until the one
 epoch ends) and MLflow on rank 0. `run_probes.StepRecorder`, added by config, records what each rank saw.
@@ -23,6 +24,8 @@ from medix.data.datamodule import ShardedBatches
 from tiny_lm import save_tiny_model
 
 N_ROWS, VAL_ROWS, PROMPTS, GROUP = 10, 2, 2, 4
+MINI, MICRO = 4, 1  # 4 micro-batches (forward/backward passes) per mini-batch (optimizer step)
+WARM_STEPS = 2  # of 3 rows: rank 0 takes two, rank 1 one (and a zero-weight pad)
 ANSWERS = ["Pneumothorax", "Pleural effusion", "Appendicitis", "Kidney stone", "Pulmonary embolism",
            "Subdural hematoma", "Aortic dissection", "Osteosarcoma", "Cholecystitis", "Pneumonia"]
 
@@ -61,9 +64,12 @@ def ddp_run(repo_root, tmp_path_factory):
            "algorithm=dapo", "algorithm.dynamic_sampling.max_tries=1", "algorithm.dynamic_sampling.min_mean=0.6",
            "algorithm.dynamic_sampling.max_mean=10.0",
            f"algorithm.group_size={GROUP}", f"algorithm.prompts_per_step={PROMPTS}",
-           "algorithm.sampling.max_new_tokens=8", "algorithm.mini_batch_size=4", "algorithm.optimizer.lr=0.01", "algorithm.beta=0.01",
+           "algorithm.sampling.max_new_tokens=8", f"algorithm.mini_batch_size={MINI}",
+           f"algorithm.micro_batch_size={MICRO}", "algorithm.optimizer.lr=0.01", "algorithm.beta=0.01",
            f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", "callbacks.samples.every_n_steps=1",
+           f"callbacks.warm_start.steps={WARM_STEPS}", "callbacks.warm_start.batch_size=3",
            "+callbacks.record._target_=run_probes.StepRecorder", f"+callbacks.record.dirpath={tmp}/record",
+           "+callbacks.syncs._target_=run_probes.GradientSyncCounter", f"+callbacks.syncs.dirpath={tmp}/record",
            f"hydra.run.dir={tmp}/hydra", f"paths.output_dir={tmp}/out"]
     # Its own session, so that a hang (ranks waiting on different collectives) ends with both ranks killed.
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -103,6 +109,18 @@ def test_each_rank_rolls_out_a_disjoint_slice_of_whole_prompt_groups(ddp_run):
     assert len(val[0]) == len(val[1]) == VAL_ROWS // 2 and not set(val[0]) & set(val[1])  # held-out split too
 
 
+def test_one_gradient_all_reduce_per_optimizer_step(ddp_run):
+    """4 micro-batches per mini-batch, yet DDP all-reduces the gradient once per optimizer step (after the last
+    backward), on both ranks, padding steps included; with a sync at every backward it would be 4 per step."""
+    tmp, records, _, _ = ddp_run
+    syncs = [[json.loads(line) for line in (tmp / "record" / f"rank{r}_syncs.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert syncs[0] == syncs[1]  # the ranks meet in every collective
+    per_step = GROUP * PROMPTS // MINI  # rank 0 at step 1: 2 mini-batches; rank 1 keeps one and pads the other
+    assert [s["optimizer_steps"] for s in syncs[0]] == [per_step] * len(syncs[0]) and len(syncs[0]) >= 2
+    assert all(s["allreduces"] == s["optimizer_steps"] for s in syncs[0]), syncs[0]
+
+
 def test_a_rank_with_fewer_kept_groups_still_trains_in_step_with_the_other(ddp_run):
     _, records, _, dropped = ddp_run
     first = [phase(rows, "train")[0] for rows in records]
@@ -116,8 +134,9 @@ def test_both_ranks_end_with_identical_weights_that_trained(ddp_run):
     assert end0.keys() == end1.keys() and end0 and all("lora_" in name for name in end0)
     for name in end0:
         assert torch.equal(end0[name], end1[name]), name
-    start = weights[0]["start"]
+    start = weights[0]["start"]  # after the warm start, which each rank ran on its share of the rows
     assert all(torch.equal(start[name], weights[1]["start"][name]) for name in start)
+    assert min(start[n].abs().max().item() for n in start if "lora_B" in n) > 0  # peft starts lora_B at 0
     assert max((end0[n] - start[n]).abs().max().item() for n in end0 if "lora_B" in n) > 1e-3
     checkpoint = torch.load(tmp / "out" / "checkpoints" / "last.ckpt", weights_only=False)  # written by rank 0
     assert all(torch.equal(checkpoint["state_dict"][name], end1[name.removeprefix("model.")])
@@ -157,6 +176,8 @@ def test_rank_zero_logs_the_reduced_metrics_to_one_finished_mlflow_run(ddp_run):
         assert [m.step for m in history] == [1, 2], key
         expected = [s["rewards"].get(key, s["logged"].get(key)) for s in steps]
         assert [m.value for m in history] == pytest.approx(expected), key
+    warm = client.get_metric_history(runs.iloc[0].run_id, "warm_start/loss")
+    assert sorted(m.step for m in warm) == list(range(1, WARM_STEPS + 1)) and all(m.value > 0 for m in warm)
     kept = [m.value for m in sorted(client.get_metric_history(runs.iloc[0].run_id, "dapo/kept_groups"),
                                     key=lambda m: m.step)]
     assert kept == [2 * PROMPTS - 1, 2 * PROMPTS]  # summed over ranks

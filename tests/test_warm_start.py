@@ -11,8 +11,8 @@ import torch
 from medix.data import Sample
 from medix.data.tags import split_solution
 from medix.errors import ConfigError
-from medix.grpo.warm_start import (IGNORE_INDEX, WarmStart, backward_row_by_row, demonstration, supervised_batch,
-                                   warm_start)
+from medix.grpo.warm_start import (IGNORE_INDEX, WarmStart, backward_rows, demonstration, supervised_batch,
+                                   target_tokens, warm_start)
 from medix.models.tiny_vlm import TinyVLMBackbone
 from medix.rewards.components import format_reward, modality_reward
 from tiny_lm import build_backbone, one_thread, save_tiny_model, word_tokenizer  # noqa: F401 (one_thread: a fixture)
@@ -41,7 +41,7 @@ def trainer_stub(*, resuming: bool = False):
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics["warm_start/loss"])))
     trainer = SimpleNamespace(ckpt_path="last.ckpt" if resuming else None, logger=logger, is_global_zero=True,
-                              datamodule=SimpleNamespace(train=SAMPLES))
+                              world_size=1, datamodule=SimpleNamespace(train=SAMPLES))
     return trainer, logged
 
 
@@ -166,6 +166,8 @@ def test_one_row_at_a_time_gives_the_gradient_of_the_batch_mean_loss(tmp_path):
     loss = reference(**batch).loss
     loss.backward()
     rows = [supervised_batch([s], backbone.tokenizer, "thinking", THINKING) for s in chosen]
-    assert backward_row_by_row(model, rows, "cpu") == pytest.approx(loss.item(), rel=1e-5)
+    counts = [target_tokens(row) for row in rows]
+    weights = [count / sum(counts) for count in counts]
+    assert backward_rows(model, rows, weights, "cpu") == pytest.approx(loss.item(), rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

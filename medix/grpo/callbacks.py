@@ -104,15 +104,24 @@ class SaveTrainedPolicy(Callback):
 
 
 class GRPOProgressBar(TQDMProgressBar):
-    """Lightning's progress bar counting GRPO steps (of `trainer.max_steps`), with the step's reward and time."""
+    """One bar for the whole run: GRPO steps done of the run's `trainer.max_steps`, with the step's reward and time
+    (Lightning's own bar counts batches and starts again at every epoch)."""
+
+    @property
+    def train_description(self) -> str:
+        return "GRPO"
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        total = max_grpo_steps(self.trainer)
+        if total is not None:
+            bar.total = total
+            bar.n = bar.last_print_n = self.trainer.lightning_module.grpo_step
+        return bar
 
     def on_train_epoch_start(self, trainer, *args):
-        super().on_train_epoch_start(trainer, *args)
-        total = max_grpo_steps(trainer)
-        if total is not None:
-            self.train_progress_bar.reset(total=total)
-            self.train_progress_bar.n = trainer.lightning_module.grpo_step
-        self.train_progress_bar.set_description("GRPO")
+        if max_grpo_steps(trainer) is None:  # no step limit: Lightning's per-epoch bar
+            super().on_train_epoch_start(trainer, *args)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if max_grpo_steps(trainer) is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -50,22 +51,31 @@ def supervised_batch(samples: list[Sample], tokenizer, reasoning_tag: str, think
     }
 
 
-def backward_row_by_row(model, rows: list[dict[str, torch.Tensor]], device) -> float:
-    """Backward of the mean token loss over `rows` (one-row supervised batches), one row per forward/backward so
-    that peak memory is one row's: each row's mean loss weighted by its share of the target tokens, so the summed
-    gradient is the padded batch's. Returns that mean loss."""
-    counts = [int((row["labels"][:, 1:] != IGNORE_INDEX).sum()) for row in rows]
+def backward_rows(model, rows: list[dict[str, torch.Tensor]], weights: list[float], device, *,
+                  backward: Callable = torch.Tensor.backward, sync: Callable = lambda enabled: nullcontext()) -> float:
+    """Backward of sum_i weights[i] * (mean token loss of rows[i]), one-row supervised batches, one row per
+    forward/backward so that peak memory is one row's. `backward(loss)` and `sync(enabled)` (a context in which a
+    backward reduces gradients across ranks only when enabled: the last row) come from the strategy under a trainer.
+    Returns the weighted loss."""
     total = 0.0
-    for row, count in zip(rows, counts):
-        loss = model(**{k: v.to(device) for k, v in row.items()}).loss * (count / sum(counts))
-        loss.backward()
+    for index, (row, weight) in enumerate(zip(rows, weights)):
+        with sync(enabled=index == len(rows) - 1):
+            loss = model(**{k: v.to(device) for k, v in row.items()}).loss * weight
+            backward(loss)
         total += loss.item()
     return total
 
 
+def target_tokens(row: dict[str, torch.Tensor]) -> int:
+    """The tokens a one-row supervised batch teaches (the shifted labels that are not IGNORE_INDEX)."""
+    return int((row["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 class WarmStart(Callback):
     """`callbacks.warm_start`: the supervised steps at the start of training (not when resuming: the checkpoint
-    holds the warmed weights)."""
+    holds the warmed weights), through the trainer's strategy: under DDP each rank takes its share of every step's
+    rows and the gradient is all-reduced once per step; under FSDP2 the sharded policy trains in place. A progress
+    bar shows the steps and the loss; MLflow gets `warm_start/loss`."""
 
     def __init__(self, *, steps: int, lr: float, batch_size: int, thinking: str, reasoning_tag: str, seed: int):
         for key, value, least in (("steps", steps, 0), ("batch_size", batch_size, 1)):
@@ -83,22 +93,43 @@ class WarmStart(Callback):
     def on_train_start(self, trainer, pl_module):
         if self.steps == 0 or trainer.ckpt_path is not None:
             return
-        log_metrics = trainer.logger.log_metrics if trainer.logger is not None and trainer.is_global_zero else None
-        self.losses = warm_start(pl_module.backbone, trainer.datamodule.train, steps=self.steps, lr=self.lr,
-                                 batch_size=self.batch_size, thinking=self.thinking, reasoning_tag=self.reasoning_tag,
-                                 seed=self.seed, log_metrics=log_metrics)
+        from tqdm.auto import tqdm
+
+        shown = trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None
+        bar = tqdm(total=self.steps, desc="Warm start", unit="step", disable=not shown, dynamic_ncols=True)
+        logger = trainer.logger if trainer.logger is not None and trainer.is_global_zero else None
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if logger is not None:
+                logger.log_metrics({"warm_start/loss": loss}, step)
+
+        try:
+            self.losses = warm_start(pl_module.backbone, trainer.datamodule.train, steps=self.steps, lr=self.lr,
+                                     batch_size=self.batch_size, thinking=self.thinking,
+                                     reasoning_tag=self.reasoning_tag, seed=self.seed,
+                                     module=pl_module if trainer.world_size > 1 else None, on_step=on_step)
+        finally:
+            bar.close()
 
 
 def warm_start(backbone, samples: list[Sample], *, steps: int, lr: float, batch_size: int, thinking: str,
-               reasoning_tag: str, seed: int, log_metrics: Callable[[dict, int], None] | None = None) -> list[float]:
-    """`steps` AdamW steps (`lr`, `batch_size` samples drawn with a seeded RNG) of next-token loss on the
-    demonstrations; updates the trainable parameters (the LoRA adapter, or all weights) in place. Returns the loss
-    of each step and logs it as `warm_start/loss`."""
+               reasoning_tag: str, seed: int, module=None,
+               on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """`steps` AdamW steps (`lr`, `batch_size` samples drawn with a seeded RNG, the same on every rank) of
+    next-token loss on the demonstrations; updates the trainable parameters (the LoRA adapter, or all weights) in
+    place. `module`: the GRPOModule in a running trainer, whose data-parallel ranks share each step's rows (a rank
+    with fewer pads with zero-weight rows) and whose strategy runs the backward, reducing gradients once per step;
+    None: this process alone. Returns the loss of each step; `on_step(step, loss)` after each."""
     if steps == 0:
         return []
     if backbone.is_vlm:
         raise ConfigError("callbacks.warm_start.steps > 0 supports text-only backbones; set it to 0 for a VLM")
     model, tokenizer = backbone.model, backbone.tokenizer
+    rank, world = (module.global_rank, module.world_size) if module is not None else (0, 1)
+    over_ranks = (lambda v: module.across_ranks(v, "sum")) if module is not None else (lambda v: v)
+    strategy = {"backward": module.manual_backward, "sync": module.gradient_sync} if module is not None else {}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
@@ -107,14 +138,20 @@ def warm_start(backbone, samples: list[Sample], *, steps: int, lr: float, batch_
     model.train()
     losses = []
     for step in range(1, steps + 1):
-        rows = [supervised_batch([s], tokenizer, reasoning_tag, thinking)
-                for s in rng.sample(samples, min(batch_size, len(samples)))]
-        step_loss = backward_row_by_row(model, rows, device)
+        chosen = rng.sample(samples, min(batch_size, len(samples)))
+        mine = chosen[rank::world]
+        padding = -(-len(chosen) // world) - len(mine)  # every rank runs as many backwards
+        rows = [supervised_batch([s], tokenizer, reasoning_tag, thinking) for s in mine + chosen[:1] * padding]
+        counts = [target_tokens(row) for row in rows[:len(mine)]] + [0] * padding
+        total = over_ranks(sum(counts))
+        # DDP averages the ranks' gradients, hence `world`: the sum is the mean token loss of the whole batch
+        weights = [count * world / total for count in counts]
+        step_loss = over_ranks(backward_rows(model, rows, weights, device, **strategy)) / world
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
-        if log_metrics is not None:
-            log_metrics({"warm_start/loss": losses[-1]}, step)
+        if on_step is not None:
+            on_step(step, step_loss)
     model.train(was_training)
     return losses

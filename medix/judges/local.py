@@ -6,6 +6,7 @@ import atexit
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from medix.judges.assets import judge_gguf
 from medix.judges.client import OpenAIJudge
 from medix.judges.config import LocalServerConfig
 from medix.judges.local_server import LocalLlamaServer, SharedServer, require_llama_server
+
+log = logging.getLogger(__name__)
 
 
 class LocalJudge(OpenAIJudge):
@@ -42,8 +45,10 @@ class LocalJudge(OpenAIJudge):
                                         sort_keys=True).encode()).hexdigest()[:16]
         self.shared = SharedServer(self.cache_dir / "judge_servers", key, self.model, self._start_server)
         started = time.perf_counter()
+        log.info("judge: starting (or joining) the llama.cpp server for %s; the first start takes a minute", self.model)
         self.base_url = self.shared.acquire()
         self.startup_s = time.perf_counter() - started
+        log.info("judge: server ready at %s after %.0f s", self.base_url, self.startup_s)
         atexit.register(self.close)
         return self.base_url
 
