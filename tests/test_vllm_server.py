@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,7 +149,8 @@ if os.environ.get("FAKE_VLLM") == "crash":
     print("ValueError: boom, no such model folder", flush=True)
     sys.exit(3)
 engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # like vLLM's engine core
-print("engine", engine.pid, flush=True)
+print("server", os.getpid(), flush=True)
+print("engine", engine.pid, flush=True)  # no SIGTERM handler: killed, the server leaves it behind
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         body = json.dumps({"data": [{"id": args.served_model_name}]}).encode()
@@ -202,14 +204,38 @@ def test_a_server_that_dies_while_starting_shows_its_log(tmp_path, fake_vllm):
     assert server.process is None
 
 
+def logged_pid(log: Path, name: str) -> int:
+    """The pid the fake server wrote as `<name> <pid>` in its log."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.is_file() else []
+        found = [int(line.split()[1]) for line in lines if line.startswith(f"{name} ")]
+        if found:
+            return found[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no '{name} <pid>' line in {log}")
+
+
 def test_stop_ends_the_server_and_its_children(tmp_path, fake_vllm):
     with VLLMServer("model", python=sys.executable, env=fake_vllm, log_path=tmp_path / "log") as server:
         assert server.healthy()
         pid = server.process.pid
-        engine = int(next(line for line in (tmp_path / "log").read_text().splitlines()
-                          if line.startswith("engine ")).split()[1])
+        engine = logged_pid(tmp_path / "log", "engine")
         assert alive(engine)
     assert wait_dead(pid) and wait_dead(engine)
+
+
+def test_a_server_killed_outright_leaves_no_engine_behind(tmp_path, fake_vllm):
+    """The API server SIGKILLed (or OOM-killed): it runs no shutdown, so its engine child would live on, holding a
+    real engine's gigabytes, until the training process ends; the launcher reaps it at once."""
+    server = VLLMServer("model", python=sys.executable, env=fake_vllm, log_path=tmp_path / "log").start()
+    try:
+        api, engine = logged_pid(tmp_path / "log", "server"), logged_pid(tmp_path / "log", "engine")
+        os.kill(api, signal.SIGKILL)
+        assert wait_dead(engine)
+        assert server.process.wait(timeout=15) != 0  # the server's death shows (a restart can follow)
+    finally:
+        server.stop()
 
 
 def test_the_server_dies_with_the_process_that_started_it(tmp_path, fake_vllm):
@@ -223,9 +249,10 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path, fake_vllm):
         """)], stdout=subprocess.PIPE, text=True)
     try:
         pid = int(parent.stdout.readline())
-        assert alive(pid)
+        engine = logged_pid(tmp_path / "log", "engine")
+        assert alive(pid) and alive(engine)
         parent.send_signal(signal.SIGKILL)  # no atexit, no __exit__: only the parent-death signal is left
         parent.wait(timeout=10)
-        assert wait_dead(pid)
+        assert wait_dead(pid) and wait_dead(engine)  # the fake server ignores its engine on SIGTERM; no orphan
     finally:
         parent.kill()

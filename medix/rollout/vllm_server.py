@@ -25,12 +25,35 @@ SETUP_HINT = "MEDIX_VLLM=1 scripts/setup.sh"
 
 # Makes SIGTERM the server's parent-death signal (prctl PR_SET_PDEATHSIG = 1, kept across exec), then execs it, so
 # the server never outlives the process that started it. argv: <parent pid> <python args...>.
-LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))\n"
-    "if os.getppid() != int(sys.argv[1]): sys.exit(70)\n"
-    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
-)
+# The server's parent, in the server's own process group: it gets SIGTERM when the medix process that started it dies
+# (PR_SET_PDEATHSIG, even on SIGKILL), passes it to the server, and once the server has exited (stopped, crashed or
+# killed) SIGKILLs whatever else is left in the group: vLLM's engine-core and worker processes, which an API server
+# that dies without its shutdown (SIGKILL, OOM) leaves behind holding their memory. Exits with the server's code.
+LAUNCHER = """
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(70)
+server = subprocess.Popen([sys.executable, *sys.argv[2:]])
+stopping = []
+def stop(signum, frame):
+    if not stopping:
+        stopping.append(time.monotonic())
+        server.terminate()
+signal.signal(signal.SIGTERM, stop)
+while server.poll() is None and not (stopping and time.monotonic() - stopping[0] > 15):
+    time.sleep(0.2)
+me = os.getpid()
+for pid in [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != me]:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            group = int(stat.read().rsplit(")", 1)[1].split()[2])
+        if group == me:
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+        pass
+sys.exit(server.wait())
+"""
 
 
 class VLLMError(MedixError):
@@ -160,7 +183,7 @@ class VLLMServer(ServerProcess):
         return serves(self.base_url, self.served_model_name)
 
     def stop(self, grace_s: float = 20.0) -> None:
-        super().stop(grace_s)  # SIGTERM: the API server shuts its engine-core and worker processes down
+        super().stop(grace_s)  # SIGTERM to the launcher: the API server shuts down, then the group is reaped
 
     def client(self, **kwargs) -> "VLLMClient":
         return VLLMClient(self.base_url, self.served_model_name, **kwargs)
