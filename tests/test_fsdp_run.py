@@ -26,6 +26,7 @@ def fsdp_run(repo_root, tmp_path_factory):
            "trainer.devices=2", "trainer.precision=32-true", "backbone.lora=null",
            "reward=embed_only", "reward.components.embedding.mode=continuous", "algorithm.optimizer.weight_decay=0",
            "algorithm.optimizer.lr=1e-4", "callbacks.checkpoint.every_n_steps=1",
+           "callbacks.warm_start.steps=1", "callbacks.warm_start.batch_size=2",  # on the sharded policy
            f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/hydra", f"paths.output_dir={tmp}/out"]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -37,7 +38,8 @@ def test_the_run_finishes_with_the_reward_metrics(fsdp_run):
     [run] = mlflow.MlflowClient().search_runs([e.experiment_id for e in mlflow.MlflowClient().search_experiments()])
     assert run.info.status == "FINISHED"
     client = mlflow.MlflowClient()
-    for key in ("reward/overall/mean", "reward/embedding/mean", "loss", "kl", "val/reward/overall/mean"):
+    for key in ("reward/overall/mean", "reward/embedding/mean", "loss", "kl", "val/reward/overall/mean",
+                "warm_start/loss"):
         assert client.get_metric_history(run.info.run_id, key), key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
 
