@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from fake_openai import FakeOpenAIServer
+from medix_cli import offline_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
+
+
+def pytest_collection_modifyitems(config, items):
+    """A vllm test is slow too, so `-m "not slow"` leaves it out."""
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +39,6 @@ def fake_judge():
 
 
 @pytest.fixture
-def medix_env(tmp_path) -> dict[str, str]:
-    """Environment for `python -m medix.*` subprocesses: offline, repo on the path."""
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    return env
+def medix_env() -> dict[str, str]:
+    """Environment for `python -m medix.*` subprocesses: offline, repo on the path (medix_cli.offline_env)."""
+    return offline_env()

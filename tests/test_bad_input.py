@@ -4,10 +4,10 @@ that names what is wrong and what would be right, no traceback, and no MLflow ru
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+from medix_cli import offline_env
 
 import mlflow
 import pytest
@@ -17,8 +17,7 @@ SLAKE = REPO.parent / "shared" / "benchmarks" / "slake" / "test.jsonl"
 
 
 def medix(entry: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO))
+    env = offline_env()
     if entry != "medix.score":  # score writes no Hydra folder and has no tracking
         args = [*args, f"hydra.run.dir={tmp_path}/hydra", f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     return subprocess.run([sys.executable, "-m", entry, *args], cwd=tmp_path, env=env, capture_output=True,

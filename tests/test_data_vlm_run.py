@@ -15,6 +15,10 @@ import mlflow
 import pytest
 import torch
 
+from medix_cli import offline_env
+
+pytestmark = pytest.mark.slow  # a real training run of the VLM backbone
+
 REWARD_METRICS = [f"reward/{c}/{s}" for c in ("overall", "llm_judge", "embedding", "modality", "format")
                   for s in ("mean", "std")]
 N_GOOD = 6  # 4 train + 2 validation (experiment=smoke: dataset.val_size=2, 2 prompts per step, 2 steps)
@@ -68,8 +72,7 @@ def vlm_run(vqa_rad, repo_root, tmp_path_factory):
                     "solution": "<CT_SCAN> liver"})
     rows.insert(4, {"id": "bad-tag", "image": rows[0]["image"], "problem": "Is the study normal?", "solution": "yes"})
     path = write_jsonl(tmp / "data" / "vqa_rad_train.jsonl", rows)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(repo_root))
+    env = offline_env()
     out = run_medix(["experiment=smoke", "backbone=tiny_vlm", "dataset=jsonl", f"dataset.path={path}",
                      "dataset.on_bad_row=skip", "judge=rule"], repo_root, env, tmp)
     return out, tmp

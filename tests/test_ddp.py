@@ -22,6 +22,9 @@ import torch
 
 from medix.data.datamodule import ShardedBatches
 from tiny_lm import save_tiny_model
+from medix_cli import offline_env
+
+pytestmark = pytest.mark.slow  # a 2-process training run
 
 N_ROWS, VAL_ROWS, PROMPTS, GROUP = 10, 2, 2, 4
 MINI, MICRO = 4, 1  # 4 micro-batches (forward/backward passes) per mini-batch (optimizer step)
@@ -48,10 +51,7 @@ def ddp_run(repo_root, tmp_path_factory):
                                         "solution": f"<X_RAY> {answer}"}) + "\n" for i, answer in enumerate(ANSWERS)))
     train, _ = split_samples(load_report({"name": "jsonl", "path": str(data)}).samples, VAL_ROWS, 0)
     dropped = first_prompt_of_rank1([s.id for s in train])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=f"{repo_root}{os.pathsep}{repo_root / 'tests'}")
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
-        env.pop(key, None)
+    env = offline_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "medix.run",
            "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
            "trainer.max_steps=null", "trainer.max_epochs=1", "trainer.val_check_interval=2",

@@ -14,6 +14,8 @@ from medix.eval.generation import BackboneGenerator
 from medix.eval.items import BenchmarkItem
 from medix.eval.runner import build_generator, run_evaluation
 
+pytestmark = pytest.mark.slow  # loads SmolLM2 and generates
+
 register_configs()  # the schemas conf/'s groups start with, as the entry points register them
 
 CACHE_DIR = os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache" / "medix"))

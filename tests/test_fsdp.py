@@ -22,6 +22,8 @@ import torch
 import fsdp_driver as drv
 from tiny_lm import one_thread, tiny_model, tiny_qwen2  # noqa: F401 (one_thread is a fixture)
 
+pytestmark = pytest.mark.slow  # 2-process FSDP2 drivers
+
 
 def free_port() -> int:
     with socket.socket() as s:

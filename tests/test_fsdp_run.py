@@ -4,7 +4,6 @@ The math of data-parallel FSDP2 against one process is checked in tests/test_fsd
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -12,14 +11,15 @@ import mlflow
 import pytest
 import torch
 
+from medix_cli import offline_env
+
+pytestmark = pytest.mark.slow  # a 2-process FSDP2 training run
+
 
 @pytest.fixture(scope="module")
 def fsdp_run(repo_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_run")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(repo_root))
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
-        env.pop(key, None)
+    env = offline_env(OMP_NUM_THREADS="1")
     # The command, plus: no judge (its server is not what this test is about), a reward with signal and no
     # weight decay, so the saved weights can only differ from the base through the policy gradient.
     cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", "trainer=fsdp", "trainer.accelerator=cpu",

@@ -19,7 +19,7 @@ from medix.judges.assets import asset_gguf
 from medix.judges.local_server import LocalLlamaServer
 from test_judge_client import compose_judge
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.slow]  # starts the llama.cpp judge server
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("MEDIX_CACHE_DIR", Path.home() / ".cache" / "medix"))  # the GGUFs live here

@@ -4,7 +4,6 @@ failure rate stops with one clear JudgeError, and a training run against a faili
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,9 +17,9 @@ import pytest
 from judge_http import RestartableJudgeServer, free_port
 from medix.errors import JudgeError
 from medix.judges import JudgeItem, OpenAIJudge
+from medix_cli import offline_env
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 
 
 class JudgeProcess:
@@ -134,10 +133,10 @@ def test_on_failure_zero_and_raise_during_an_outage(tmp_path):
                 judge.score(batch("down"))
 
 
+@pytest.mark.slow  # a real training run
 def test_training_run_against_a_failing_judge_ends_failed_with_one_line(tmp_path):
     """Every judge call answers HTTP 500: the run stops at the failure-rate check, exit != 0, MLflow run FAILED."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO))
+    env = offline_env()
 
     def broken(body):
         raise RuntimeError("judge GPU fell over")

@@ -8,12 +8,16 @@ lr is raised so that a dozen steps are enough.
 
 from __future__ import annotations
 
+import pytest
+
 import lightning as L
 
 from medix.data.datamodule import PromptDataModule
 from medix.grpo.module import GRPOModule
 from medix.rollout.hf import HFEngine
 from tiny_lm import TargetWordReward, algorithm, memory_logger, one_thread, tiny_backbone, trainer, word_samples  # noqa: F401
+
+pytestmark = pytest.mark.slow  # many GRPO steps in process
 
 STEPS, TOKENS = 12, 8
 

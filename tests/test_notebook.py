@@ -11,6 +11,8 @@ from nbclient import NotebookClient
 
 from test_sweeps import run_grid_sweep_once
 
+pytestmark = pytest.mark.slow  # executes the notebook over real runs
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "compare_runs.ipynb"
 

@@ -9,7 +9,6 @@ and step) must redo step 3 to reach the same weights without logging it again, t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from medix.config import register_configs
+from medix_cli import offline_env
+
+pytestmark = pytest.mark.slow  # real training runs killed and resumed
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 4
@@ -45,8 +47,7 @@ def command(tmp: Path, *extra: str) -> list[str]:
 
 def env() -> dict[str, str]:
     # one BLAS thread: steady on a shared machine, and the same kernels in the killed and in the resumed process
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", OMP_NUM_THREADS="1")
+    return offline_env(OMP_NUM_THREADS="1")
 
 
 def records(tmp: Path) -> list[dict]:

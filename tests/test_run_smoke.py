@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import mlflow
 import pytest
 
 from fake_openai import FakeOpenAIServer
+from medix_cli import offline_env, run_medix
+
+pytestmark = pytest.mark.slow  # a real `python -m medix.run` (minutes on this CPU)
 
 METRICS = ["reward/overall/mean", "reward/overall/std", "loss", "completion/mean_length", "kl", "clip_ratio",
            "entropy", "frac_reward_zero_std", "judge/requests", "judge/items", "judge/cache_hits", "judge/failures",
@@ -18,23 +19,20 @@ METRICS = ["reward/overall/mean", "reward/overall/std", "loss", "completion/mean
     f"reward/{c}/mean" for c in ("llm_judge", "embedding", "modality", "format")]
 
 
-def run_medix(args, repo_root, env, tmp_path, timeout=900):
-    cmd = [sys.executable, "-m", "medix.run", *args, f"hydra.run.dir={tmp_path}/hydra",
-           f"paths.output_dir={tmp_path}/out"]
-    return subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
+def run_in(tmp_path, args, repo_root, env):
+    return run_medix(*args, f"hydra.run.dir={tmp_path}/hydra", f"paths.output_dir={tmp_path}/out", cwd=repo_root,
+                     env=env)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(repo_root, tmp_path_factory):
     """One smoke run, shared by the assertions below (it is the slow part)."""
-    import os
-
     tmp = tmp_path_factory.mktemp("smoke")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = offline_env()
     with FakeOpenAIServer(lambda body: "YES") as judge:
-        out = run_medix(["experiment=smoke", "judge=qwen", f"judge.base_url={judge.base_url}",
-                         f"judge.cache.path={tmp}/judge.sqlite", f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db"],
-                        repo_root, env, tmp)
+        out = run_in(tmp, ["experiment=smoke", "judge=qwen", f"judge.base_url={judge.base_url}",
+                           f"judge.cache.path={tmp}/judge.sqlite", f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db"],
+                     repo_root, env)
         requests = list(judge.requests)
     return out, requests, tmp
 
@@ -71,11 +69,19 @@ def test_smoke_run_calls_the_judge_over_http_at_temperature_zero(smoke_run):
     assert calls[-1].value == len(requests)  # every logged request is a real HTTP request (the cache starts empty)
 
 
-def test_smoke_run_saves_a_loadable_adapter(smoke_run):
+def test_smoke_run_saves_the_trained_adapter_and_it_loads_back(smoke_run):
+    """backbone.adapter=<run>/adapter gives the policy the run ended with: every trainable weight is the final
+    checkpoint's (a wrong or partial save, or a load that dropped tensors, fails here)."""
+    import torch
+
+    from tiny_lm import build_backbone
+
     out, requests, tmp = smoke_run
-    adapter = tmp / "out" / "adapter"
-    assert (adapter / "adapter_config.json").is_file()
-    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+    loaded = build_backbone("smollm2_135m", adapter=tmp / "out" / "adapter")
+    trained = torch.load(tmp / "out" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    weights = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert trained and {k.removeprefix("model.") for k in trained} == set(weights)
+    assert all(torch.equal(weights[k.removeprefix("model.")], v) for k, v in trained.items())
 
 
 def test_a_row_without_a_tag_stops_the_run_with_one_line(repo_root, medix_env, tmp_path):
@@ -83,8 +89,8 @@ def test_a_row_without_a_tag_stops_the_run_with_one_line(repo_root, medix_env, t
     rows.append({"id": "bad-row-3", "problem": "Which organ is enlarged?", "solution": "Spleen"})
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = run_medix(["experiment=smoke", "dataset=jsonl", f"dataset.path={path}",
-                     f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"], repo_root, medix_env, tmp_path)
+    out = run_in(tmp_path, ["experiment=smoke", "dataset=jsonl", f"dataset.path={path}",
+                            f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"], repo_root, medix_env)
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "bad-row-3" in lines[0] and "solution" in lines[0]

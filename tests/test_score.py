@@ -1,7 +1,6 @@
 """`python -m medix.score` end to end in a subprocess, against the fake OpenAI-compatible judge server."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -10,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.fake_openai import FakeHTTPError, FakeOpenAIServer
+from medix_cli import offline_env
 
-ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"llm_judge": 0.5175, "embedding": 0.3375, "modality": 0.045, "format": 0.1}
 PREDICTED = re.compile(r"<predicted>\n(.*?)\n</predicted>", re.DOTALL)
 TRUTH = re.compile(r"<ground_truth>\n(.*?)\n</ground_truth>", re.DOTALL)
@@ -35,8 +34,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def run_score(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MEDIX_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}
+    env = offline_env(MEDIX_CACHE_DIR=str(tmp_path / "cache"))
     return subprocess.run([sys.executable, "-m", "medix.score", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 

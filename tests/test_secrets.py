@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from judge_http import RestartableJudgeServer
 from medix.tracking.hydra_redact import hide_secret_overrides, secret_env_name
 from medix.tracking.params import REDACTED, is_secret_key, redact, run_params, scrub_text, secret_values
+from medix_cli import offline_env
 
 REPO = Path(__file__).resolve().parents[1]
 CALLBACK = "++hydra.callbacks.redact_secrets._target_=medix.tracking.hydra_redact.RedactSecrets"
@@ -87,7 +88,7 @@ def test_secret_overrides_move_into_the_environment():
 def test_hydra_output_folder_never_holds_a_command_line_key(mode, tmp_path):
     """Fast (the run stops at a missing dataset file): Hydra has already written .hydra/ and, for -m, multirun.yaml."""
     cli_key, env_key = f"sk-test-PLANTED-{uuid.uuid4()}", f"sk-test-PLANTED-{uuid.uuid4()}"
-    env = dict(os.environ, PYTHONPATH=str(REPO), MEDIX_JUDGE_API_KEY=env_key)
+    env = offline_env(MEDIX_JUDGE_API_KEY=env_key)
     folder = ["-m", f"hydra.sweep.dir={tmp_path}/hydra"] if mode == "multirun" else [f"hydra.run.dir={tmp_path}/hydra"]
     cmd = [sys.executable, "-m", "medix.run", *folder, "judge=qwen", f"judge.api_key={cli_key}",
            "+judge.extra_body.user_token=${oc.env:MEDIX_JUDGE_API_KEY}", CALLBACK, "dataset=jsonl",
@@ -95,9 +96,10 @@ def test_hydra_output_folder_never_holds_a_command_line_key(mode, tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert "missing.jsonl" in out.stdout + out.stderr  # it got as far as reading the dataset
     names = {p.name for p in tmp_path.rglob("*") if p.is_file()}
-    assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= names
-    assert mode == "run" or "multirun.yaml" in names
+    assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= names and ("multirun.yaml" in names) == (mode == "multirun")
     assert files_holding([cli_key.encode(), env_key.encode()], [tmp_path]) == {}
+    [overrides] = [p for p in tmp_path.rglob("overrides.yaml") if p.parent.name == ".hydra"]
+    assert f"judge.api_key={REDACTED}" in overrides.read_text()  # recorded, with its value hidden
     assert cli_key not in out.stdout + out.stderr and env_key not in out.stdout + out.stderr
 
 
@@ -122,8 +124,7 @@ def planted_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secrets")
     cli_key = f"sk-test-PLANTED-{uuid.uuid4()}"
     env_key = f"sk-test-PLANTED-{uuid.uuid4()}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO), MEDIX_JUDGE_API_KEY=env_key)
+    env = offline_env(MEDIX_JUDGE_API_KEY=env_key)
     started = time.time() - 1
     with RestartableJudgeServer(lambda body: "YES") as judge:
         cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", "judge=qwen", f"judge.base_url={judge.base_url}",
@@ -135,6 +136,7 @@ def planted_run(tmp_path_factory):
     return out, judge, tmp, cli_key, env_key, started
 
 
+@pytest.mark.slow  # the planted keys' smoke run
 def test_planted_keys_are_used_by_the_judge_client(planted_run):
     out, judge, tmp, cli_key, env_key, _ = planted_run
     assert out.returncode == 0, out.stderr[-3000:]
@@ -143,6 +145,7 @@ def test_planted_keys_are_used_by_the_judge_client(planted_run):
     assert {r.get("user_token") for r in judge.requests} == {env_key}  # the env value resolved into the config
 
 
+@pytest.mark.slow
 def test_planted_keys_appear_in_no_output_file_and_no_log(planted_run):
     out, judge, tmp, cli_key, env_key, started = planted_run
     assert out.returncode == 0, out.stderr[-3000:]
@@ -159,6 +162,7 @@ def test_planted_keys_appear_in_no_output_file_and_no_log(planted_run):
     assert cli_key not in out.stdout + out.stderr and env_key not in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_mlflow_records_the_secret_keys_as_redacted(planted_run):
     out, judge, tmp, cli_key, env_key, _ = planted_run
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")

@@ -5,7 +5,6 @@ the validation metric; plus MLflow organisation read back with MlflowClient and 
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +16,9 @@ import pytest
 import yaml
 
 from fake_openai import FakeHTTPError, FakeOpenAIServer
+from medix_cli import offline_env
+
+pytestmark = pytest.mark.slow  # sweeps of real training runs
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = "Qwen/Qwen3-4B-Instruct-2507"
@@ -25,8 +27,7 @@ REWARD_METRICS = ["reward/overall/mean", "reward/llm_judge/mean", "reward/format
 
 def sweep_env() -> dict[str, str]:
     # one BLAS thread per job: on a shared 2-core machine OpenMP's spinning threads slow every job down
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return offline_env(OMP_NUM_THREADS="1")
 
 
 def run_sweep(args: list[str], tmp: Path, *, timeout: int = 2400) -> subprocess.CompletedProcess:
@@ -161,24 +162,6 @@ def test_optuna_search_maximises_the_validation_metric(tmp_path):
     assert result["best_value"] == pytest.approx(max(objective))  # the job's return value is the MLflow metric
     best = [w for w, v in zip(weights, objective) if v == pytest.approx(max(objective))]
     assert any(all(math.isclose(w[k], float(result["best_params"][k])) for k in bounds) for w in best)
-
-
-def test_system_metrics_are_logged_into_a_run(tmp_path):
-    from medix.tracking.system_metrics import system_metrics, system_metrics_available
-
-    assert system_metrics_available()  # psutil is installed with mlflow's extras in requirements
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.create_experiment("system", artifact_location=str(tmp_path / "art")))
-    with system_metrics(run.info.run_id, uri, interval_s=0.5) as monitor:
-        assert monitor is not None
-        time.sleep(1.8)
-    metrics = client.get_run(run.info.run_id).data.metrics
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
-    history = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
-    assert len(history) >= 2 and [m.step for m in history] == list(range(len(history)))
-    with system_metrics(run.info.run_id, uri, enabled=False) as monitor:
-        assert monitor is None
 
 
 def test_a_submitit_sweep_lands_one_finished_mlflow_run_per_job(tmp_path):

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from vllm_fixtures import require_vllm_python
+from medix_cli import offline_env
 
 
 
 
 def medix_run(repo_root, tmp, *overrides) -> tuple[dict[str, list[float]], list[dict]]:
     require_vllm_python()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=f"{repo_root}{os.pathsep}{repo_root / 'tests'}")
+    env = offline_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", "rollout=vllm", "algorithm.optimizer.lr=1e-3",
            "trainer.max_steps=4", "reward=embed_only", "reward.components.embedding.mode=continuous",
            "rollout.server.cpu_threads_bind=0", "+callbacks.probe._target_=run_probes.EngineProbe",
@@ -98,7 +98,7 @@ def test_a_full_fine_tune_reloads_the_weights_and_survives_a_killed_server(repo_
 
 
 def test_rollout_vllm_without_its_environment_is_one_clear_error(repo_root, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(repo_root))
+    env = offline_env()
     out = subprocess.run([sys.executable, "-m", "medix.run", "experiment=smoke", "rollout=vllm", "reward=embed_only",
                           f"rollout.server.python={tmp_path}/no-venv/bin/python", "logger=none",
                           f"hydra.run.dir={tmp_path}/hydra", f"paths.output_dir={tmp_path}/out"],
