@@ -77,3 +77,34 @@ def test_split_lm_head_declines_a_lora_wrapped_head_and_plain_modules():
     model = get_peft_model(tiny_qwen2(), LoraConfig(r=4, target_modules=["lm_head"], task_type="CAUSAL_LM"))
     assert split_lm_head(model) is None
     assert split_lm_head(nn.Linear(3, 3)) is None
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_completion_logprobs_take_the_chunked_head_only_for_large_logits_and_agree(monkeypatch, share_prompt):
+    """Small logits go through the model's own head (no recompute in the backward), large ones through the chunked
+    head: same log-probs and gradients either way."""
+    import medix.grpo.lm_head as lm_head
+    from medix.grpo import logprobs
+
+    model = tiny_qwen2(lora=True)
+    ids = torch.randint(3, 97, (4, 12))
+    ids[1], ids[3] = ids[0], ids[2]  # two groups of two rows sharing a prompt
+    ids[1, 7:], ids[3, 7:] = torch.randint(3, 97, (5,)), torch.randint(3, 97, (5,))
+    mask = torch.ones_like(ids)
+    calls = []
+    original = lm_head._HeadTokenLogprobs.apply
+    monkeypatch.setattr(lm_head._HeadTokenLogprobs, "apply", lambda *a: calls.append(1) or original(*a))
+    results = []
+    for threshold in (logprobs.CHUNKED_HEAD_MIN_VALUES, 0):  # as shipped (small: the model's head), then chunked
+        monkeypatch.setattr(logprobs, "CHUNKED_HEAD_MIN_VALUES", threshold)
+        model.zero_grad()
+        logp, _ = logprobs.completion_logprobs(model, ids, mask, 7, share_prompt=share_prompt)
+        logp.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logp.detach(), grads, len(calls)))
+    (small, small_grads, calls_small), (large, large_grads, calls_large) = results
+    assert calls_small == 0 and calls_large == 1
+    torch.testing.assert_close(small, large, rtol=1e-5, atol=1e-5)
+    assert small_grads.keys() == large_grads.keys() and small_grads
+    for name in small_grads:
+        torch.testing.assert_close(small_grads[name], large_grads[name], rtol=1e-4, atol=1e-6, msg=name)

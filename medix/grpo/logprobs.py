@@ -7,15 +7,21 @@ import torch
 from medix.grpo.lm_head import head_token_logprobs, split_lm_head
 from medix.rollout.base import can_share_prompt, left_padded_positions
 
+# The chunked head (lm_head.py) is used once the [rows, completion tokens, vocab] logits would hold more values than
+# this (1 GiB in float32): below it, keeping the logits for the backward is cheaper than recomputing them there (on
+# the CPU preset of experiments/perf, 16 x 32 tokens x 49,152: the recompute cost ~1.7 s of a 21 s step).
+CHUNKED_HEAD_MIN_VALUES = 1 << 28
+
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                         extra_inputs: dict | None = None, with_entropy: bool = False, share_prompt: bool = True):
     """Log-probability of each completion token under `model` ([B, T]); with_entropy also gives the entropy of each
     position's distribution ([B, T], without gradient: it is a metric).
 
-    Only completion positions are scored. When the model splits into a body and a plain LM head (`split_lm_head`),
-    the body gives hidden states and `head_token_logprobs` scores them in row chunks, so the [B, T, vocab] logits
-    never exist; otherwise the model's own logits are used (gather minus logsumexp, in row chunks). share_prompt:
+    Only completion positions are scored. When the model splits into a body and a plain LM head (`split_lm_head`)
+    and the logits would be large (CHUNKED_HEAD_MIN_VALUES), the body gives hidden states and `head_token_logprobs`
+    scores them in row chunks, so the [B, T, vocab] logits never exist; otherwise the model's own logits are used
+    (gather minus logsumexp, in row chunks). share_prompt:
     rows that repeat the previous row's prompt (a GRPO group) reuse its prompt forward: the prompt runs once per
     distinct prompt (with gradient) and its KV cache is copied to the rows."""
     completion_length = input_ids.shape[1] - prompt_length
@@ -24,6 +30,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     model_position_ids = None if extra_inputs and "image_grid_thw" in extra_inputs else position_ids
     targets = input_ids[:, prompt_length:]
     split = split_lm_head(model)
+    if split is not None and input_ids.shape[0] * completion_length * split[1].out_features < CHUNKED_HEAD_MIN_VALUES:
+        split = None
     forward, output = (split[0], "last_hidden_state") if split else (model, "logits")
     head_kwargs = {} if split else {"logits_to_keep": 1}
     owners = prompt_owners(input_ids[:, :prompt_length]) if share_prompt and prompt_length > 0 else None
