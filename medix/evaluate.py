@@ -28,6 +28,21 @@ def compare(cfg: DictConfig) -> str:
     raise ConfigError("compare: expected a list of run ids (compare=[id1,id2]) or +compare.experiment=<name>")
 
 
+def evaluate(cfg: DictConfig):
+    """One evaluation (medix.eval.runner) and, with a tracking logger, its MLflow run (params flattened and redacted,
+    the metrics, each task's items and the results table)."""
+    from medix.eval.runner import run_evaluation
+    from medix.eval.tracking import log_eval_run
+    from medix.tracking.params import run_params
+
+    outcome = run_evaluation(cfg)
+    uri = cfg.logger.get("tracking_uri") if cfg.get("logger") else None
+    if uri:
+        outcome.run_id = log_eval_run(uri, cfg.eval.experiment, cfg.eval.run_name, run_params(cfg), outcome.metrics,
+                                      outcome.item_files, outcome.output_dir / "results.md")
+    return outcome
+
+
 def main(cfg: DictConfig) -> None:
     from medix.memory import return_freed_memory_to_the_os
 
@@ -40,9 +55,7 @@ def main(cfg: DictConfig) -> None:
         if cfg.get("compare") is not None:
             print(compare(cfg))
             return
-        from medix.eval.runner import run_evaluation
-
-        outcome = run_evaluation(cfg)
+        outcome = evaluate(cfg)
         print(outcome.markdown)
         print(f"results: {outcome.output_dir / 'results.md'}" + (f"  mlflow run: {outcome.run_id}" if outcome.run_id else ""))
     except MedixError as exc:

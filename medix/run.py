@@ -12,9 +12,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from medix.config import build, register_configs
+from medix.config import register_configs
 from medix.console import quiet_third_party_logs
 from medix.errors import JudgeError, MedixError
+from medix.instantiate import build
 
 log = logging.getLogger("medix.run")
 register_configs()

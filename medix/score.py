@@ -9,10 +9,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from medix.config import build, register_configs
+from medix.config import register_configs
 from medix.console import quiet_third_party_logs
 from medix.data.tags import split_solution
 from medix.errors import ConfigError, DataError, MedixError
+from medix.instantiate import build
 
 USAGE = "python -m medix.score input=<completions.jsonl> output=<scores.jsonl> [judge=... reward=... ...]"
 register_configs()

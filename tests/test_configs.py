@@ -58,7 +58,7 @@ def build_run(cfg, *, module: bool = False):
     it needs the hub), the job's rewards, engine and logger, the trainer with its callbacks, and with `module` the
     policy and its GRPOModule."""
     from medix import run
-    from medix.config import build
+    from medix.instantiate import build
 
     data = build(cfg.dataset)
     if cfg.dataset.hub_id is None:

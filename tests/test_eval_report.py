@@ -8,7 +8,7 @@ import sys
 import mlflow
 import pytest
 
-from medix.eval.runner import run_evaluation
+from medix.evaluate import evaluate
 from medix.eval.tracking import compare_markdown
 from test_eval_run import ITEMS, S0, S1, FakeWorld, eval_cfg, read_items, stripped, write_bench
 
@@ -30,7 +30,7 @@ def test_macro_averages_over_shared_text_and_vision_tasks_and_images_reach_the_e
     medqa = [json.loads(l) for l in open(shared_benchmarks / "medqa" / "test.jsonl")][:2]
     world = VerdictByQuestion(correct=[medqa[0]["question"][:60]])
     with world.server:
-        outcome = run_evaluation(eval_cfg(repo_root, tmp_path, world.server.base_url, "benchmark=all",
+        outcome = evaluate(eval_cfg(repo_root, tmp_path, world.server.base_url, "benchmark=all",
                                           f"benchmark.data_dir={shared_benchmarks}", "benchmark.limit=2",
                                           "benchmark.missing=skip"))
     m = outcome.metrics
@@ -49,7 +49,7 @@ def test_macro_averages_over_shared_text_and_vision_tasks_and_images_reach_the_e
 def test_text_only_endpoints_get_no_images(repo_root, tmp_path, shared_benchmarks):
     world = VerdictByQuestion(correct=[])
     with world.server:
-        run_evaluation(eval_cfg(repo_root, tmp_path, world.server.base_url, "benchmark=vqa_rad",
+        evaluate(eval_cfg(repo_root, tmp_path, world.server.base_url, "benchmark=vqa_rad",
                                 f"benchmark.data_dir={shared_benchmarks}", "benchmark.limit=2", "model.send_images=false"))
     assert [type(r["messages"][0]["content"]) for r in world.model_requests()] == [str, str]
 
@@ -61,7 +61,7 @@ def test_accuracy_logged_to_mlflow_equals_what_the_verdicts_imply_and_runs_compa
     for name, correct in (("first", ["NSAID", "thigh"]), ("second", ["NSAID"])):
         world = VerdictByQuestion(correct=correct)
         with world.server:
-            outcome = run_evaluation(eval_cfg(repo_root, tmp_path, world.server.base_url, f"benchmark.path={bench}",
+            outcome = evaluate(eval_cfg(repo_root, tmp_path, world.server.base_url, f"benchmark.path={bench}",
                                               "logger=mlflow", f"logger.tracking_uri={uri}", f"eval.run_name={name}",
                                               f"eval.output_dir={tmp_path / name}", f"paths.cache_dir={tmp_path / name}"))
         run_ids.append(outcome.run_id)
@@ -87,7 +87,7 @@ def test_rule_judge_gives_one_verdict_per_item_without_llm_calls(repo_root, tmp_
     world = FakeWorld({})
     world.server.handler = lambda body: "<thinking>pancreas?</thinking> Aspirin, of course"
     with world.server:
-        outcome = run_evaluation(eval_cfg(repo_root, tmp_path, world.server.base_url, f"benchmark.path={bench}",
+        outcome = evaluate(eval_cfg(repo_root, tmp_path, world.server.base_url, f"benchmark.path={bench}",
                                           judge="rule"))
     rows = read_items(tmp_path / "eval" / "bench" / "items.jsonl")
     assert (rows["r1"]["score"], rows["r2"]["score"]) == (1.0, 0.0)  # the reasoning block is cut before judging

@@ -316,7 +316,7 @@ def test_bad_values_name_the_key(tmp_path, override, match):
 
 
 def test_a_bad_value_through_instantiate_is_one_config_error(tmp_path):
-    from medix.config import build
+    from medix.instantiate import build
 
     with pytest.raises(ConfigError, match="judge.on_failure: 'ignore' is not valid"):
         build(compose_judge("qwen", tmp_path, "judge.on_failure=ignore"))

@@ -15,7 +15,8 @@ from medix.data.images import load_image
 from medix.grpo.logprobs import completion_logprobs
 from medix.models.gguf import smollm2_folder
 from medix.models.qwen_vl import QwenVL
-from medix.rollout.base import Sampling, concat_rollouts, left_padded_positions, select_rows
+from medix.models.base import left_padded_positions
+from medix.rollout.base import Sampling, concat_rollouts, select_rows
 from medix.rollout.hf import HFEngine
 from tiny_lm import CACHE_DIR, one_thread, record_generate  # noqa: F401 (a fixture)
 

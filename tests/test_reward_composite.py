@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from medix.config import build, register_configs
+from medix.config import register_configs
+from medix.instantiate import build
 from medix.errors import ConfigError, DataError
 from medix.rewards import CompositeReward, RewardBatch
 from medix.rewards.components import format_rewards, modality_rewards

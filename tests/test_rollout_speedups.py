@@ -13,7 +13,8 @@ from PIL import Image
 from medix.errors import ConfigError
 from medix.grpo.logprobs import completion_logprobs, prompt_owners, token_logprobs
 from medix.models.base import Backbone
-from medix.rollout.base import Sampling, left_padded_positions
+from medix.models.base import left_padded_positions
+from medix.rollout.base import Sampling
 from medix.rollout.hf import HFEngine
 from tiny_lm import one_thread, record_generate, tiny_qwen2, word_tokenizer  # noqa: F401 (a fixture)
 

@@ -12,7 +12,8 @@ from medix.data.samples import Sample
 from medix.errors import ConfigError, MedixError
 from medix.grpo.logprobs import completion_logprobs
 from medix.models.tiny_vlm import IMAGE_TOKEN, TinyVLMBackbone, build_vision_tower
-from medix.rollout.base import Sampling, completion_mask_from_ids, concat_rollouts, left_padded_positions, select_rows
+from medix.models.base import left_padded_positions
+from medix.rollout.base import Sampling, completion_mask_from_ids, concat_rollouts, select_rows
 from medix.rollout.hf import HFEngine
 from tiny_lm import build_backbone, composed, one_thread, record_generate  # noqa: F401 (a fixture)
 

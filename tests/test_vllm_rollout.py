@@ -115,7 +115,8 @@ def test_evaluation_generates_through_the_engine_as_hf_generate_does(repo_root, 
     from hydra import compose, initialize_config_dir
     from peft import LoraConfig, get_peft_model
 
-    from medix.config import build, register_configs
+    from medix.config import register_configs
+from medix.instantiate import build
     from medix.eval.runner import run_evaluation
 
     require_vllm_python()

@@ -43,7 +43,7 @@ def composed(*overrides: str):
 def build_backbone(choice: str, **keys):
     """`backbone=<choice>` with `backbone.<key>=<value>` overrides, built by its `_target_` loader like medix.run does
     (a MedixError raised inside the loader comes out as itself)."""
-    from medix.config import build
+    from medix.instantiate import build
 
     def value(v):
         return str(v).lower() if isinstance(v, bool) else ("null" if v is None else str(v))

@@ -21,7 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from medix.config import build, register_configs  # noqa: E402
+from medix.config import register_configs  # noqa: E402
+from medix.instantiate import build  # noqa: E402
 from medix.grpo.warm_start import warm_start  # noqa: E402
 from medix.rewards.components import format_reward, modality_reward  # noqa: E402
 from medix.rollout.base import Sampling  # noqa: E402

@@ -33,8 +33,9 @@ class LoadedTask:
 class EvalOutcome:
     metrics: dict[str, float]
     markdown: str
-    output_dir: Path
-    run_id: str | None
+    output_dir: Path  # results.md and each task's items.jsonl
+    item_files: dict[str, Path]  # task name -> its items.jsonl
+    run_id: str | None = None  # the MLflow run medix.evaluate logged it to
 
 
 def check_model_config(cfg: DictConfig) -> None:
@@ -73,7 +74,7 @@ def build_generator(cfg: DictConfig):
                                  max_new_tokens=gen.max_new_tokens, max_concurrency=gen.max_concurrency,
                                  timeout_s=cfg.model.timeout_s, max_retries=cfg.model.max_retries,
                                  send_images=cfg.model.send_images)
-    from medix.config import build
+    from medix.instantiate import build
     from medix.eval.generation import BackboneGenerator
 
     backbone_cfg = cfg.backbone.copy()
@@ -91,7 +92,7 @@ def build_generator(cfg: DictConfig):
 
 def evaluation_judge(client, cfg: DictConfig) -> ConversationJudge | RuleVerdicts:
     """The paper's conversation on an LLM judge client; one verdict per item for a judge without chat turns (rule)."""
-    from medix.config import build
+    from medix.instantiate import build
 
     if hasattr(client, "areply"):
         settings: ProtocolSettings = build(cfg.judge_protocol)
@@ -142,7 +143,7 @@ async def evaluate_task(task: LoadedTask, generator, judge, batch_size: int) -> 
 
 
 def run_evaluation(cfg: DictConfig) -> EvalOutcome:
-    from medix.config import build
+    from medix.instantiate import build
 
     check_model_config(cfg)
     output_dir = Path(cfg.eval.output_dir)
@@ -180,13 +181,4 @@ def run_evaluation(cfg: DictConfig) -> EvalOutcome:
     model_name = cfg.model.name if cfg.model.kind == "endpoint" else cfg.backbone.name
     markdown = results_markdown(metrics, modalities, title=f"{model_name} (judge: {cfg.judge.get('model')})")
     (output_dir / "results.md").write_text(markdown, encoding="utf-8")
-    run_id = None
-    logger = cfg.get("logger")
-    if logger and logger.get("tracking_uri"):
-        from medix.eval.tracking import log_eval_run
-        from medix.tracking.params import run_params
-
-        run_id = log_eval_run(logger.tracking_uri, cfg.eval.experiment, cfg.eval.get("run_name"),
-                              run_params(cfg), metrics,
-                              {t.spec.name: t.store.items_path for t in tasks}, output_dir / "results.md")
-    return EvalOutcome(metrics, markdown, output_dir, run_id)
+    return EvalOutcome(metrics, markdown, output_dir, {t.spec.name: t.store.items_path for t in tasks})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from medix.grpo.lm_head import head_token_logprobs, split_lm_head
-from medix.rollout.base import can_share_prompt, left_padded_positions
+from medix.models.base import can_share_prompt, left_padded_positions
 
 # The chunked head (lm_head.py) is used once the [rows, completion tokens, vocab] logits would hold more values than
 # this (1 GiB in float32): below it, keeping the logits for the backward is cheaper than recomputing them there (on

@@ -142,3 +142,18 @@ def load_trained_weights(model, folder: str | Path):
         return model
     raise ConfigError(f"adapter {str(folder)!r} holds neither adapter_config.json nor config.json (expected a medix "
                       "run's adapter/ or model/ folder)")
+
+
+def can_share_prompt(model) -> bool:
+    """Prompt KV caches can be computed once and copied: a decoder-only text model, without activation
+    checkpointing (which turns the cache off in training). Checkpointing is read off the layers themselves
+    (transformers flags each checkpointed module), so a wrapper around the model (peft, tiny_vlm) is seen through."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "vision_config", None):
+        return False
+    return not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)

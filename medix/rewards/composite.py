@@ -70,7 +70,7 @@ def build_component(name: str, cfg):
     import importlib
     import inspect
 
-    from medix.config import build
+    from medix.instantiate import build
 
     target = cfg.get("_target_")
     if not target:

@@ -6,8 +6,9 @@ import contextlib
 
 import torch
 
+from medix.models.base import can_share_prompt, left_padded_positions
 from medix.models.sharding import gathered_for_generation, is_sharded
-from medix.rollout.base import Rollout, Sampling, can_share_prompt, completion_mask_from_ids, left_padded_positions
+from medix.rollout.base import Rollout, Sampling, completion_mask_from_ids
 
 
 class HFEngine:
