@@ -44,9 +44,6 @@ def evaluate(cfg: DictConfig):
 
 
 def main(cfg: DictConfig) -> None:
-    from medix.memory import return_freed_memory_to_the_os
-
-    return_freed_memory_to_the_os()
     for name in ("httpx", "httpx2"):  # one INFO line per HTTP request drowns the progress lines
         logging.getLogger(name).setLevel(logging.WARNING)
     # SIGTERM unwinds like an error, so a started local judge server is stopped (finished items are already saved).

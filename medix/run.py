@@ -26,10 +26,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from medix.grpo.callbacks import resolve_checkpoint
-    from medix.memory import return_freed_memory_to_the_os
     from medix.tracking.mlflow_run import log_run_config
 
-    return_freed_memory_to_the_os()
     quiet_third_party_logs(cfg.verbose)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     checkpoint = resolve_checkpoint(cfg.resume) if cfg.resume else None

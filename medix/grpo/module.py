@@ -19,6 +19,7 @@ from medix.data.datamodule import PromptBatch
 from medix.errors import ConfigError
 from medix.grpo.logprobs import completion_logprobs
 from medix.grpo.plan import MicroBatch, padded_plan, passes_per_step, update_plan
+from medix.memory import freed_memory_returned
 from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator,
                                mismatch_weights, policy_loss)
 from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
@@ -188,11 +189,20 @@ class GRPOModule(L.LightningModule):
         t0 = time.perf_counter()
         algo = self.algo
         plan = self.plan(len(trained.rollout))
-        batch = self.prepare(trained, plan)
-        self.timings["reward_wait"] = batch.reward_wait_s
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        self.model.train()  # HF models load in eval mode; activation checkpointing acts in train mode only
         means = StepMeans()
+        with freed_memory_returned():  # the update's activations leave RSS when freed
+            batch = self.prepare(trained, plan)
+            self.timings["reward_wait"] = batch.reward_wait_s
+            self.model.train()  # HF models load in eval mode; activation checkpointing acts in train mode only
+            self.run_plan(plan, batch, optimizer, scheduler, means)
+        self.timings["update"] = time.perf_counter() - t0 - batch.reward_wait_s
+        return means.compute()
+
+    def run_plan(self, plan: list[list[MicroBatch]], batch: "UpdateBatch", optimizer, scheduler,
+                 means: "StepMeans") -> None:
+        """`num_iterations` passes over the plan: per optimizer step its micro-batches' backwards, then clip, step."""
+        algo = self.algo
         for iteration in range(int(algo.num_iterations)):
             for step in plan:
                 counted = [r for micro in step if micro.counted for r in micro.rows]
@@ -211,8 +221,6 @@ class GRPOModule(L.LightningModule):
                 optimizer.step()
                 scheduler.step()
                 means.add({"loss": step_loss})  # every rank's, padding included: their mean over ranks is the loss
-        self.timings["update"] = time.perf_counter() - t0 - batch.reward_wait_s
-        return means.compute()
 
     def plan(self, n_rows: int) -> list[list[MicroBatch]]:
         """This rank's optimizer steps and their micro-batches, padded so that every rank runs as many of both."""
