@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from judge_http import RestartableJudgeServer
+from medix.config import register_configs
 from medix.tracking.hydra_redact import hide_secret_overrides, secret_env_name
 from medix.tracking.params import REDACTED, is_secret_key, redact, run_params, scrub_text, secret_values
 from medix_cli import offline_env
@@ -40,6 +41,7 @@ def test_token_counts_and_other_keys_stay_visible(key):
 def test_composed_configs_redact_exactly_the_api_keys(root, monkeypatch):
     monkeypatch.setenv("MEDIX_JUDGE_API_KEY", "sk-env-" + uuid.uuid4().hex)
     monkeypatch.setenv("MEDIX_MODEL_API_KEY", "sk-env-" + uuid.uuid4().hex)
+    register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose(root, overrides=["judge=qwen"])
     OmegaConf.set_struct(cfg, False)
@@ -99,7 +101,8 @@ def test_hydra_output_folder_never_holds_a_command_line_key(mode, tmp_path):
     assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= names and ("multirun.yaml" in names) == (mode == "multirun")
     assert files_holding([cli_key.encode(), env_key.encode()], [tmp_path]) == {}
     [overrides] = [p for p in tmp_path.rglob("overrides.yaml") if p.parent.name == ".hydra"]
-    assert f"judge.api_key={REDACTED}" in overrides.read_text()  # recorded, with its value hidden
+    text = overrides.read_text()  # recorded as a reference to the environment variable the value moved into
+    assert "judge.api_key=" in text and secret_env_name("judge.api_key") in text
     assert cli_key not in out.stdout + out.stderr and env_key not in out.stdout + out.stderr
 
 
