@@ -372,7 +372,7 @@ def test_bool_mask_accepted():
 def test_algorithm_yaml_drives_the_math(name):
     cfg = algorithm(name)
     assert cfg.name == name
-    G, P, T = cfg.group_size, cfg.prompts_per_step, cfg.max_new_tokens
+    G, P, T = cfg.group_size, cfg.prompts_per_step, cfg.sampling.max_new_tokens
     g = torch.Generator().manual_seed(0)
     rewards = torch.rand(G * P, generator=g)
     adv = group_advantages(rewards, G, scale=cfg.advantage_scale, eps=cfg.eps)
@@ -383,7 +383,7 @@ def test_algorithm_yaml_drives_the_math(name):
     loss, metrics = policy_loss(
         logp, logp.detach() + 0.01, adv, torch.ones(G * P, T), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
         aggregation=cfg.aggregation, importance=cfg.importance, beta=cfg.beta,
-        ref_logp=logp.detach() - 0.01 if cfg.beta > 0 else None, max_completion_length=cfg.max_new_tokens,
+        ref_logp=logp.detach() - 0.01 if cfg.beta > 0 else None, max_completion_length=cfg.sampling.max_new_tokens,
     )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad.abs().sum() > 0
