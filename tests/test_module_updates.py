@@ -208,11 +208,14 @@ def test_validation_scores_with_its_own_reward_when_one_is_given():
 
 def test_micro_batches_give_the_mini_batch_gradient():
     """One mini-batch of 8 completions through micro-batches of 3 rows (3 + 3 + 2) takes the same optimizer step as
-    one forward/backward over all 8: the losses share the mini-batch's token count as denominator."""
+    one forward/backward over all 8: the losses share the mini-batch's token count as denominator. Plain SGD (the
+    optimizer is config), so the step is the gradient itself (Adam's first step, lr * g/|g|, would blow float noise
+    on near-zero gradients up to a full step)."""
     after = {}
     for micro in (None, 3):
         backbone = tiny_backbone(lora=False, model=tiny_model(seed=0))
-        module, logger = fit(backbone, grpo(micro_batch_size=micro, weight_decay=0.0, beta=0.0))
+        module, logger = fit(backbone, grpo(micro_batch_size=micro, weight_decay=0.0, beta=0.0,
+                                            **{"optimizer._target_": "torch.optim.SGD", "lr": 1.0}))
         assert_step_had_a_gradient(logger)
         after[micro] = (snapshot(module.model), logger.steps[1]["loss"])
     for name, weight in after[None][0].items():
