@@ -12,6 +12,8 @@ from medix_cli import offline_env
 import mlflow
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts an entry point in a subprocess (imports: seconds each)
+
 REPO = Path(__file__).resolve().parents[1]
 SLAKE = REPO.parent / "shared" / "benchmarks" / "slake" / "test.jsonl"
 

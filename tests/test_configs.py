@@ -123,6 +123,7 @@ def test_defaults_are_the_offline_path():
     assert cfg.trainer.accelerator == "cpu" and cfg.logger.tracking_uri == "sqlite:///mlflow.db"
 
 
+@pytest.mark.slow  # medix.run in a subprocess
 def test_paper_weights_and_qwen_judge_on_the_command_line(repo_root):
     out = run_medix("--cfg", "job", "reward=composite", "judge=qwen", cwd=repo_root, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -143,6 +144,7 @@ def test_reasoning_tag_is_one_setting():
     ("algorithm.clip_hihg=0.3", "algorithm.clip_hihg"),
     ("trainer.max_step=3", "trainer.max_step"),
 ])
+@pytest.mark.slow  # medix.run in a subprocess
 def test_a_misspelt_key_stops_the_run_naming_it(repo_root, override, key):
     out = run_medix(override, cwd=repo_root, timeout=120)
     assert out.returncode != 0

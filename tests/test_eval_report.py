@@ -106,6 +106,7 @@ def run_cli(repo_root, env, tmp_path, *args):
     ('{"id": "a", "question": "q", "answer": 3}\n', "bench.jsonl:1: field 'answer' must be a non-empty string"),
     ("", "has no items"),
 ])
+@pytest.mark.slow  # medix.evaluate in a subprocess
 def test_cli_bad_benchmark_input_prints_one_line_and_exits_2(repo_root, medix_env, tmp_path, content, expected):
     bench = tmp_path / "bench.jsonl"
     if content is not None:
@@ -120,6 +121,7 @@ def test_cli_bad_benchmark_input_prints_one_line_and_exits_2(repo_root, medix_en
     ("judge_protocol.prompt=fancy", "error: judge_protocol.prompt: 'fancy' is not one of", True),
     ("judge.timout_s=3", "Key 'timout_s' not in 'OpenAIJudgeConfig'", False),  # Hydra's compose error, at once
 ])
+@pytest.mark.slow  # medix.evaluate in a subprocess
 def test_cli_bad_judge_config_names_the_key(repo_root, medix_env, tmp_path, override, expected, one_line):
     bench = write_bench(tmp_path / "bench.jsonl", ITEMS[:1])
     (tmp_path / "eval" / "bench").mkdir(parents=True)  # a saved prediction: nothing to generate, one item to judge
@@ -132,6 +134,7 @@ def test_cli_bad_judge_config_names_the_key(repo_root, medix_env, tmp_path, over
         assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
 
 
+@pytest.mark.slow  # medix.evaluate in a subprocess
 def test_cli_evaluates_then_compares(repo_root, medix_env, tmp_path):
     bench = write_bench(tmp_path / "bench.jsonl", ITEMS[:2])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -229,6 +229,7 @@ with OpenAIJudge(**cfg, cache_dir=sys.argv[2]) as judge:
 """
 
 
+@pytest.mark.slow  # several processes
 def test_cache_is_shared_across_processes(tmp_path):
     def run(cfg):
         out = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, json.dumps(cfg), str(tmp_path)], cwd=REPO,
@@ -332,6 +333,7 @@ with OpenAIJudge(model="fake-judge", base_url=sys.argv[1], max_concurrency=4, ti
 """
 
 
+@pytest.mark.slow  # several processes
 def test_ranks_of_a_run_share_max_concurrency(tmp_path):
     """Two plain processes as Lightning's launcher leaves them (WORLD_SIZE=2, LOCAL_RANK=0/1) send 8 items each to a
     judge with max_concurrency=4: at most 4 requests are ever in flight at the server, 2 per rank."""

@@ -55,6 +55,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.slow  # medix.score in a subprocess
 def test_score_end_to_end_calls_the_judge_only_for_valid_non_identical_answers_and_caches(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", ROWS)
     with FakeOpenAIServer(yes_if_same_words, model="Qwen/Qwen3-4B-Instruct-2507") as server:
@@ -88,6 +89,7 @@ def test_score_end_to_end_calls_the_judge_only_for_valid_non_identical_answers_a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.jsonl", "cache", "in.jsonl", "out.jsonl"]
 
 
+@pytest.mark.slow  # medix.score in a subprocess
 def test_a_failed_judge_call_gives_null_llm_judge_and_overall(tmp_path):
     rows = [{"id": "ok", "completion": cot("edema"), "solution": "<X_RAY> Edema"},
             {"id": "bad", "completion": cot("server breaks"), "solution": "<X_RAY> Edema"}]
@@ -113,6 +115,7 @@ def test_a_failed_judge_call_gives_null_llm_judge_and_overall(tmp_path):
     (['["completion"]'], "input line 1: a JSON list, not an object"),
     (['{"completion": "x", "solution": "<X_RAY> a", "question": 3}'], "input line 1: field 'question' is of type"),
 ])
+@pytest.mark.slow  # medix.score in a subprocess
 def test_bad_input_line_is_one_line_error_with_exit_code_2(tmp_path, lines, message):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
@@ -128,6 +131,7 @@ def test_bad_input_line_is_one_line_error_with_exit_code_2(tmp_path, lines, mess
     (["input=nowhere.jsonl", "output=out.jsonl"], "error: input=nowhere.jsonl does not exist"),
     (["input=x", "output=y", "+reward.weights.accuracy=1"], "error: reward.weights.accuracy names no component"),
 ])
+@pytest.mark.slow  # medix.score in a subprocess
 def test_usage_errors_are_one_line(tmp_path, args, message):
     done = run_score(tmp_path, *args, "judge=rule")
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(message)

@@ -86,6 +86,7 @@ def test_secret_overrides_move_into_the_environment():
         "judge.api_key", "judge.extra_body.hf_token"}
 
 
+@pytest.mark.slow  # medix.run in a subprocess
 @pytest.mark.parametrize("mode", ["run", "multirun"])
 def test_hydra_output_folder_never_holds_a_command_line_key(mode, tmp_path):
     """Fast (the run stops at a missing dataset file): Hydra has already written .hydra/ and, for -m, multirun.yaml."""

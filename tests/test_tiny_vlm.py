@@ -142,6 +142,7 @@ def test_the_training_forward_scores_what_the_engine_sampled(backbone, images):
     assert torch.allclose(scored(backbone, part)[0], logp[[3, 0]], atol=1e-4)
 
 
+@pytest.mark.slow  # minutes of generation
 def test_rollouts_with_different_image_counts_join_and_score_like_their_parts(backbone, images):
     """DAPO joins the kept groups of several rollouts and the update splits them into mini-batches: rows with two
     images, one image and none (other prompt and completion lengths) keep their own log-probabilities."""

@@ -97,6 +97,7 @@ def test_a_full_fine_tune_reloads_the_weights_and_survives_a_killed_server(repo_
     assert max(p["max_diff"] for p in probes if p["phase"] == "train") < 1e-3
 
 
+@pytest.mark.slow  # medix.run in a subprocess
 def test_rollout_vllm_without_its_environment_is_one_clear_error(repo_root, tmp_path):
     env = offline_env()
     out = subprocess.run([sys.executable, "-m", "medix.run", "experiment=smoke", "rollout=vllm", "reward=embed_only",

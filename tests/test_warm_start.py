@@ -104,6 +104,7 @@ def test_zero_steps_or_a_resumed_run_change_nothing(smollm2):
     assert all(torch.equal(p, before[n]) for n, p in trainable(smollm2.model).items())
 
 
+@pytest.mark.slow  # six warm-start steps of SmolLM2
 @needs_smollm2
 def test_a_few_steps_teach_smollm2_the_form_and_the_saved_adapter_keeps_it(smollm2, tmp_path):
     assert format_reward(greedy_text(smollm2, SAMPLES[0])) == 0.0  # it does not write the form on its own
