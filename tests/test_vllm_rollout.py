@@ -117,8 +117,8 @@ def test_evaluation_generates_through_the_engine_as_hf_generate_does(repo_root, 
     from peft import LoraConfig, get_peft_model
 
     from medix.config import register_configs
-from medix.instantiate import build
     from medix.eval.runner import run_evaluation
+    from medix.instantiate import build
 
     require_vllm_python()
     register_configs()
