@@ -53,3 +53,14 @@ def test_prompt_lengths_in_range_give_left_padding_only(min_length):
     enc = encode(tokenizer, prompts)
     assert enc.attention_mask.sum(1).tolist() == lengths
     assert enc.attention_mask[:, -1].all()  # left-padded: every prompt ends at the last position
+
+
+def test_the_gpu_scripts_import_nothing_the_gpu_image_lacks(repo_root, medix_env):
+    """The GPU image has torch/transformers/peft/lightning but not hydra, omegaconf, mlflow or openai: a top-level
+    import of one of them anywhere under the step (as medix/rewards/composite.py had) costs a lent GPU's call."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "experiments/perf/grpo_vs_trl.py", "--check-imports"], cwd=repo_root,
+                         env=medix_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "forbidden modules imported: none" in out.stdout
