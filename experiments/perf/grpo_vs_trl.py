@@ -140,6 +140,20 @@ class Turns:
 class StepLog:
     steps: list[dict] = field(default_factory=list)
     phase: dict = field(default_factory=dict)  # rollout/reward seconds of the current step
+    side: str = ""
+    path: Path | None = None  # each step is also appended here as a JSON line (kept when a time limit ends the run)
+
+    def add(self, rec: dict) -> None:
+        self.steps.append(rec)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"side": self.side, "step": len(self.steps), **rec}) + "\n")
+
+    def line(self) -> str:
+        rec = self.steps[-1]
+        gpu = f"; GPU peak {rec['peak_gib']:.2f} GiB" if "peak_gib" in rec else ""
+        return (f"  {self.side:<5} step {len(self.steps)}: {rec['step_s']:.2f}s (rollout {rec['rollout_s']:.2f}, "
+                f"sync {rec['sync_s']:.2f}; process max RSS {rec['max_rss_gib']:.2f} GiB{gpu}")
 
     def summary(self, warmup: int) -> dict:
         kept = self.steps[warmup:]
@@ -191,27 +205,38 @@ def step_end(device: str, mark: dict, phase: dict) -> dict:
 
 
 # ---- models, tokenizers, prompts ---------------------------------------------------------------------------------
-def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer over `w0 … w{V-1}` (w1 = EOS, w2 = PAD): exact prompt lengths, no files needed."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def synthetic_tokenizer(vocab_size: int, legacy: bool = False):
+    """A word-level tokenizer over `w0 … w{V-1}` (w0 = UNK, w1 = EOS, w2 = PAD): exact prompt lengths, no files.
+
+    The special tokens match whole words only. legacy=True rebuilds the set-up of the 2026-11-26 GPU runs, whose
+    plain special tokens also matched inside words: `w123` became [w1 (EOS), w0 (UNK)] and `w2999` [w2 (PAD), w0], so
+    the "64-token" prompts held EOS, PAD and UNK ids, had different lengths (left padding) and were not the prompts
+    the script meant to send."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", eos_token="w1", pad_token="w2")
+
+    def special(word):
+        return word if legacy else AddedToken(word, single_word=True, special=True)
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token=special("w0"), eos_token=special("w1"),
+                                  pad_token=special("w2"))
     tok.padding_side = "left"
     return tok
 
 
-def synthetic_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list:
+def synthetic_prompts(n: int, length: int, vocab_size: int, seed: int = 0, min_length: int | None = None) -> list:
     """medix Samples whose `problem` is already the prompt, as `w<id>` words (the synthetic backbone does not apply
-    a chat template)."""
+    a chat template): `length` ordinary tokens each, or a length drawn from [min_length, length] (left padding)."""
     from medix.data.samples import Sample
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (n, length), generator=gen)
-    return [Sample(f"syn-{i}", " ".join(f"w{t}" for t in row.tolist()), "<OTHER> w3", "<OTHER>", "w3")
-            for i, row in enumerate(ids)]
+    lengths = torch.randint(min_length, length + 1, (n,), generator=gen).tolist() if min_length else [length] * n
+    return [Sample(f"syn-{i}", " ".join(f"w{t}" for t in row[:k].tolist()), "<OTHER> w3", "<OTHER>", "w3")
+            for i, (row, k) in enumerate(zip(ids, lengths))]
 
 
 def medix_mini_prompts(n: int) -> list:
@@ -278,8 +303,8 @@ def build_models(args, device: str):
         model = apply_lora(model, LoraConfig(**LORA))
     n_params = sum(p.numel() for p in trl_model.parameters())
     print(f"model: Qwen2 random init, {n_params / 1e6:.0f}M parameters, {dtype}", flush=True)
-    return SyntheticBackbone(model, synthetic_tokenizer(config.vocab_size), args.model), \
-        trl_model, synthetic_tokenizer(config.vocab_size), peft_config
+    return SyntheticBackbone(model, synthetic_tokenizer(config.vocab_size, args.legacy_tokenizer), args.model), \
+        trl_model, synthetic_tokenizer(config.vocab_size, args.legacy_tokenizer), peft_config
 
 
 def algorithm_config(args):
@@ -299,8 +324,8 @@ def algorithm_config(args):
     optimizer = functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=algo.optimizer.weight_decay)
     sampling = Sampling(max_new_tokens=args.completion, min_new_tokens=args.min_new_tokens, temperature=1.0, top_p=1.0)
     return dataclasses.replace(algo, group_size=args.group, prompts_per_step=args.prompts, beta=0.0,
-                               num_iterations=1, mini_batch_size=args.prompts * args.group, optimizer=optimizer,
-                               sampling=sampling)
+                               num_iterations=1, mini_batch_size=args.prompts * args.group,
+                               micro_batch_size=args.micro_batch_size, optimizer=optimizer, sampling=sampling)
 
 
 def build_engine(args, workdir: Path):
@@ -399,18 +424,24 @@ def run_medix(args, backbone, engine, datamodule, reward_fn, turns: Turns, log: 
             for key in ("rollout/logprob_diff/mean", "rollout/logprob_diff/max", "rollout/policy_version"):
                 if key in metrics:
                     rec[key] = float(metrics[key])
-            log.steps.append(rec)
+            log.add(rec)
             diff = f", logprob_diff {rec['rollout/logprob_diff/mean']:.2e}" if "rollout/logprob_diff/mean" in rec else ""
-            print(f"  medix step {len(log.steps)}: {rec['step_s']:.2f}s (rollout {rec['rollout_s']:.2f}, sync "
-                  f"{rec['sync_s']:.2f}; process max RSS {rec['max_rss_gib']:.2f} GiB{diff})", flush=True)
+            print(f"{log.line()}{diff})", flush=True)
             if args.check_finite and (bad := nonfinite(pl_module.model)):
                 print(f"  medix non-finite after step {len(log.steps)}: {len(bad)} tensors, e.g. {bad[:4]}", flush=True)
             turns.give("medix")
 
     module = GRPOModule(backbone, engine, BenchReward(reward_fn), algorithm=algo, reasoning_tag="thinking", seed=0)
     precision = "bf16-mixed" if args.mixed == "bf16" else "bf16-true" if args.dtype == "bfloat16" else "32-true"
+    strategy = "auto"
+    if args.medix_strategy == "fsdp":  # trainer=fsdp on one device: FSDP2 units (bf16 compute on a GPU, fp32 masters)
+        from medix.models.sharding import fsdp_strategy
+
+        strategy = fsdp_strategy(devices=1, param_dtype="bfloat16" if args.mixed == "bf16" else "float32")
+        precision = "32-true"  # the FSDP2 policy casts (conf/trainer/fsdp.yaml)
     trainer = grpo_trainer(max_steps=total, max_epochs=1000, val_check_interval=None,
-                           accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision, callbacks=[Clock()], enable_progress_bar=False,
+                           accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                           strategy=strategy, precision=precision, callbacks=[Clock()], enable_progress_bar=False,
                            default_root_dir=tempfile.mkdtemp(prefix="medix-perf-"))
     try:
         trainer.fit(module, datamodule=datamodule)
@@ -447,10 +478,8 @@ def run_trl(args, trl_model, tokenizer, peft_config, prompts: list[str], solutio
                 self.mark = step_begin(device)
 
             def on_step_end(self, a, state, control, **kw):
-                log.steps.append(step_end(device, self.mark, log.phase))
-                print(f"  trl   step {len(log.steps)}: {log.steps[-1]['step_s']:.2f}s "
-                      f"(rollout {log.steps[-1]['rollout_s']:.2f}; process max RSS "
-                      f"{log.steps[-1]['max_rss_gib']:.2f} GiB)", flush=True)
+                log.add(step_end(device, self.mark, log.phase))
+                print(f"{log.line()})", flush=True)
                 if args.check_finite and (bad := nonfinite(kw["model"])):
                     print(f"  trl non-finite after step {len(log.steps)}: {len(bad)} tensors, e.g. {bad[:4]}",
                           flush=True)
@@ -496,8 +525,17 @@ def parse_args(argv=None):
     p.add_argument("--sides", default="medix,trl", help="comma list; the first starts")
     for name in ("prompts", "group", "completion", "prompt_tokens", "warmup", "steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--prompt-tokens-min", type=int, default=None,
+                   help="synthetic prompts of random lengths in [this, --prompt-tokens] (left padding); default: all "
+                        "exactly --prompt-tokens")
+    p.add_argument("--legacy-tokenizer", action="store_true",
+                   help="the synthetic tokenizer of the 2026-11-26 GPU runs, whose special tokens split ordinary "
+                        "words (prompts full of EOS/PAD/UNK ids, left-padded): to reproduce those runs")
     p.add_argument("--min-new-tokens", type=int, default=None,
                    help="both sides (default: --completion, so every completion has exactly that many tokens)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="medix rows per forward/backward (algorithm.micro_batch_size); default: 4 on cpu (medix's "
+                        "default), the whole mini-batch on cuda (as TRL's one forward/backward over B*G rows)")
     p.add_argument("--tuning", choices=("lora", "full"), default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="weights")
     p.add_argument("--mixed", choices=("no", "bf16"), default=None, help="bf16 autocast on both sides")
@@ -513,6 +551,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (cpu)")
     p.add_argument("--no-cudnn-sdp", action="store_true",
                    help="turn off PyTorch's cuDNN attention backend (both sides; see README, CUDA)")
+    p.add_argument("--medix-strategy", choices=("single", "fsdp"), default="single",
+                   help="medix's trainer: one device (trainer=cpu|gpu) or FSDP2 on one device (trainer=fsdp, "
+                        "devices=1: the sharded code path, bf16 units under --mixed bf16)")
     p.add_argument("--rollout", choices=("hf", "vllm"), default="hf",
                    help="medix's rollout engine: hf (generate in this process) or vllm (a vLLM server from "
                         ".venv-vllm, the adapter synced in place every step; smollm2_135m only)")
@@ -541,6 +582,8 @@ def parse_args(argv=None):
             min(args.prompts, 2), min(args.group, 4), min(args.completion, 16), min(args.prompt_tokens, 16))
     if args.min_new_tokens is None:
         args.min_new_tokens = args.completion
+    if args.micro_batch_size is None and args.device == "cpu":
+        args.micro_batch_size = 4
     if args.trl_logprob_chunk is None and args.device == "cpu":
         args.trl_logprob_chunk = 1024
     if args.model is None:
@@ -605,7 +648,8 @@ def main(argv=None) -> float:
     load = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     print(f"{started} device={device} model={args.model} tuning={args.tuning} dtype={args.dtype} mixed={args.mixed} "
-          f"rollout={args.rollout} prompts={args.prompts} group={args.group} completion={args.completion} "
+          f"rollout={args.rollout} medix_strategy={args.medix_strategy} micro_batch_size={args.micro_batch_size} "
+          f"prompts={args.prompts} group={args.group} completion={args.completion} "
           f"min_new_tokens={args.min_new_tokens} "
           f"reward={args.reward} warmup={args.warmup} steps={args.steps} share_prompt={not args.no_share_prompt} "
           f"threads={torch.get_num_threads()} cache_implementation={args.cache_implementation} "
@@ -617,7 +661,8 @@ def main(argv=None) -> float:
     total = args.warmup + args.steps
     n = total * args.prompts  # one epoch: every step gets fresh prompts, the same ones on both sides
     if args.synthetic:
-        samples = synthetic_prompts(n, args.prompt_tokens, trl_model.config.vocab_size)
+        samples = synthetic_prompts(n, args.prompt_tokens, trl_model.config.vocab_size,
+                                    min_length=args.prompt_tokens_min)
     else:
         samples = medix_mini_prompts(n)
     datamodule = PromptDataModule.from_samples(samples, [], batch_size=args.prompts, seed=0)
@@ -635,7 +680,8 @@ def main(argv=None) -> float:
             print(f"vLLM server up and synced in {time.perf_counter() - t0:.1f}s at {engine.client.base_url} "
                   f"(dtype {args.vllm_dtype}, log {workdir / 'vllm_server.log'})", flush=True)
         turns = Turns(sides)
-        logs = {s: StepLog() for s in sides}
+        steps_path = Path(args.json).with_suffix(".steps.jsonl") if args.json else None
+        logs = {s: StepLog(side=s, path=steps_path) for s in sides}
         errors: list = []
         worker = None
         if "trl" in sides:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hydra.errors import InstantiationException
-
 from medix.errors import ConfigError, DataError
 from medix.rewards.components import split_solutions
 
@@ -69,6 +67,8 @@ def build_component(name: str, cfg):
     its other keys bound as keyword arguments. A bad target or argument is a ConfigError naming it."""
     import importlib
     import inspect
+
+    from hydra.errors import InstantiationException  # here, not at the top: the GPU image has no hydra
 
     from medix.instantiate import build
 
