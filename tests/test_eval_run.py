@@ -351,7 +351,8 @@ def test_prompt_judge_asks_each_round_with_the_judges_own_template_and_logprob_t
     rows = read_items(tmp_path / "eval" / "bench" / "items.jsonl")
     assert rows["q2"]["round_scores"] == [1.0, 1.0] and rows["q2"]["score"] == 1.0  # 0.7, 0.6 >= 0.55
     assert rows["q3"]["round_scores"] == [0.0, 0.0] and rows["q3"]["unparsed_replies"] == 1
-    first = judge_requests[0]["messages"][0]["content"]
+    # the requests of different items run concurrently: take q1's first one by its content, not by arrival
+    first = next(r for r in judge_requests if "insulin" in r["messages"][0]["content"])["messages"][0]["content"]
     assert first.startswith("Q=Which organ makes insulin? | A=ANSWER[") and first.endswith("| R=pancreas | YES or NO?")
     assert all(r["max_tokens"] == 1 and r["logprobs"] is True for r in judge_requests)
     q3_last = [r for r in judge_requests if "thigh" in r["messages"][0]["content"]][-1]
