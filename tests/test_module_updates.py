@@ -5,11 +5,13 @@ against the right reference, DAPO's reward statistics cover every sampled group,
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 from medix.data.datamodule import PromptDataModule
+from medix.data.samples import Sample
 from medix.errors import ConfigError
 from medix.grpo.callbacks import GRPOCheckpoint
 from medix.grpo.logprobs import completion_logprobs
@@ -228,3 +230,42 @@ def test_a_bad_micro_batch_size_names_the_key(micro):
     with pytest.raises(ConfigError, match="algorithm.micro_batch_size"):
         GRPOModule(tiny_backbone(lora=True), HFEngine(), TargetWordReward(), algorithm=grpo(micro_batch_size=micro),
                    reasoning_tag="thinking", seed=0)
+
+
+def test_a_non_finite_gradient_never_reaches_the_weights():
+    """The H200 divergence of 2026-11-26 at a tiny shape (experiments/perf/README.md): in a randomly initialised deep
+    model the PAD id's embedding row is zero, so a prompt whose first token is PAD keeps an all-zero residual stream
+    at that position, and each RMSNorm's backward at zero multiplies the gradient by rsqrt(eps): with 32 layers the
+    gradient holds inf and NaN, and the optimizer step wrote NaN into every weight (as on the H200). Now the step is
+    skipped, counted in grad/nonfinite_steps, and the weights stay as they were."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from medix.models.base import Backbone
+    from tiny_lm import PAD, VOCAB, word_tokenizer
+
+    config = Qwen2Config(hidden_size=64, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=64, vocab_size=VOCAB, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=1, pad_token_id=PAD)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    assert bool((model.model.embed_tokens.weight[PAD] == 0).all())
+
+    class RawPrompt(Backbone):  # the prompt is the sample's text, no template: it can start with the PAD word
+        def render(self, sample, reasoning_tag):
+            return sample.problem
+
+    backbone = RawPrompt(model, word_tokenizer(), "deep_qwen2")
+    samples = [Sample(id=f"p{i}", problem=f"w{PAD} w{5 + i} w{9 + i}", solution="<OTHER> w5", tag="<OTHER>",
+                      answer="w5") for i in range(4)]
+    before = snapshot(model)
+    torch.manual_seed(0)
+    module = GRPOModule(backbone, HFEngine(), TargetWordReward(max_new_tokens=TOKENS),
+                        algorithm=grpo(beta=0.0, weight_decay=0.0), reasoning_tag="thinking", seed=0)
+    logger = memory_logger()
+    data = PromptDataModule.from_samples(samples, [], batch_size=PROMPTS, seed=0)
+    trainer(max_steps=1, logger=logger).fit(module, datamodule=data)
+    step = logger.steps[1]
+    assert step["frac_reward_zero_std"] < 1.0  # the rewards differed: a gradient was due
+    after = snapshot(module.model)
+    assert all(torch.equal(after[name], before[name]) for name in before)  # not NaN: untouched
+    assert step["grad/nonfinite_steps"] == 1.0 and not math.isfinite(step["grad/norm"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,9 @@ from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrain
 from medix.rewards.composite import RewardBatch
 from medix.rewards.statistics import RewardStatistics
 from medix.rollout.base import Rollout, Sampling, concat_rollouts, select_rows
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -216,11 +220,19 @@ class GRPOModule(L.LightningModule):
                         self.manual_backward(loss)  # gradients add up over the micro-batches
                     step_loss += float(loss.detach())
                     means.add(metrics)
+                norm = gradient_norm(self.model)  # before clipping; the same on every rank (reduced, or gathered)
                 if algo.max_grad_norm:
                     self.clip_gradients(optimizer, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
+                if torch.isfinite(norm):
+                    optimizer.step()
+                else:  # clipping an infinite norm makes every gradient NaN, and the step would write NaN everywhere
+                    optimizer.zero_grad()
+                    means.skipped += 1
+                    log.warning("GRPO step %d: the gradient norm is %s; this optimizer step is skipped, the weights "
+                                "stay as they were (grad/nonfinite_steps)", self.grpo_step + 1, float(norm))
                 scheduler.step()
-                means.add({"loss": step_loss})  # every rank's, padding included: their mean over ranks is the loss
+                # every rank's loss, padding included: their mean over ranks is the loss
+                means.add({"loss": step_loss, "grad/norm": float(norm)})
 
     def plan(self, n_rows: int) -> list[list[MicroBatch]]:
         """This rank's optimizer steps and their micro-batches, padded so that every rank runs as many of both."""
@@ -465,18 +477,30 @@ class UpdateBatch:
 
 
 class StepMeans:
-    """The metrics of an update's micro-batches, each averaged over them (a `/max` key: the largest). Lightning's
-    `log_dict(sync_dist=True)` then reduces them over the ranks."""
+    """The metrics of an update's micro-batches, each averaged over them (a `/max` key: the largest), and the number
+    of optimizer steps skipped for a non-finite gradient. Lightning's `log_dict(sync_dist=True)` then reduces them
+    over the ranks."""
 
     def __init__(self):
         self.values: dict[str, list[float]] = {}
+        self.skipped = 0
 
     def add(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.values.setdefault(key, []).append(value)
 
     def compute(self) -> dict[str, float]:
-        return {k: max(v) if k.endswith("/max") else sum(v) / len(v) for k, v in self.values.items()}
+        means = {k: max(v) if k.endswith("/max") else sum(v) / len(v) for k, v in self.values.items()}
+        return {**means, "grad/nonfinite_steps": float(self.skipped)}
+
+
+def gradient_norm(model) -> torch.Tensor:
+    """The total 2-norm of the model's gradients (a sharded model's: over the full tensors)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def rng_state() -> dict:
