@@ -4,6 +4,7 @@ The math of data-parallel FSDP2 against one process is checked in tests/test_fsd
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
