@@ -9,7 +9,7 @@ import torch
 from medix.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SOURCES = ("gguf_package", "hub", "local")
+SOURCES = ("gguf_package", "hub", "local", "built")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -19,13 +19,20 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def model_folder(*, name: str, source: str, model: str, gguf, cache_dir: str | Path) -> str:
-    """Where transformers loads the weights from: a hub id, a local folder, or a GGUF converted once to a folder."""
+    """Where transformers loads the weights from: a hub id, a local folder, a GGUF converted once to a folder, or a
+    model medix builds once offline (`source=built`, `model=tiny_qwen_vl`)."""
     if source == "gguf_package":
         from medix.models.gguf import gguf_model_folder
 
         if gguf is None:
             raise ConfigError("backbone.source=gguf_package needs backbone.gguf.package and backbone.gguf.file")
         return str(gguf_model_folder(gguf.package, gguf.file, name, cache_dir))
+    if source == "built":
+        from medix.models.tiny_qwen_vl import NAME, tiny_qwen_vl_folder
+
+        if model != NAME:
+            raise ConfigError(f"backbone.model={model!r} with backbone.source=built; medix builds {NAME!r}")
+        return str(tiny_qwen_vl_folder(cache_dir))
     if source == "local" and not Path(model).exists():
         raise ConfigError(f"backbone.model={model!r}: no such folder")
     if source not in SOURCES:
