@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -64,3 +68,20 @@ def freeze_vision_tower(model) -> int:
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def build_folder_once(folder: Path, write: Callable[[Path], None]) -> Path:
+    """`folder`, filled by `write` in a temporary folder beside it that then takes its name atomically: a killed
+    build never leaves a half folder behind, and of processes (DDP ranks) building it at once the first one wins."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # not another process that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

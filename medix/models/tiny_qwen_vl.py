@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from medix.errors import MedixError
+from medix.models.loading import build_folder_once
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +117,8 @@ def build(text_folder: Path, folder: Path) -> Path:
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
     state = weights(shapes, text_folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         tokenizer.chat_template = CHAT_TEMPLATE
@@ -130,14 +127,8 @@ def build(text_folder: Path, folder: Path) -> Path:
         generation = {"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"],
                       "pad_token_id": text["pad_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        try:
-            os.replace(tmp, folder)  # atomic: a killed build never leaves a half folder behind
-        except OSError:
-            if not (folder / "config.json").is_file():  # not another process (a DDP rank) that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return build_folder_once(folder, write)
 
 
 def weights(shapes: dict[str, torch.Size], text_folder: Path) -> dict[str, torch.Tensor]:
