@@ -44,12 +44,13 @@ def model_folder(*, name: str, source: str, model: str, gguf, cache_dir: str | P
     return model
 
 
-def apply_lora(model, lora):
-    """Wrap `model` with a peft LoRA adapter per `backbone.lora` (r, alpha, dropout, target_modules)."""
+def apply_lora(model, lora, exclude: str | None = None):
+    """Wrap `model` with a peft LoRA adapter per `backbone.lora` (r, alpha, dropout, target_modules); `exclude`: a
+    regular expression of module names left without adapters."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+                        target_modules=list(lora.target_modules), exclude_modules=exclude, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -58,6 +59,9 @@ def enable_activation_checkpointing(model) -> None:
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     model.config.use_cache = False
+
+
+VISION_MODULES = r".*(visual|vision).*"  # the vision encoder's modules (Qwen-VL: model.visual.*)
 
 
 def freeze_vision_tower(model) -> int:

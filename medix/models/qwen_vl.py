@@ -7,8 +7,8 @@ import torch
 
 from medix.errors import ConfigError, MedixError
 from medix.models.base import Backbone, Encoded
-from medix.models.loading import (apply_lora, enable_activation_checkpointing, freeze_vision_tower, model_folder,
-                                  torch_dtype)
+from medix.models.loading import (VISION_MODULES, apply_lora, enable_activation_checkpointing, freeze_vision_tower,
+                                  model_folder, torch_dtype)
 
 # Processor outputs aligned with input_ids ([rows, sequence]): Qwen-VL's mm_token_type_ids (M-RoPE needs them).
 SEQUENCE_KEYS = ("mm_token_type_ids", "token_type_ids")
@@ -74,7 +74,9 @@ def load_qwen_vl(*, name: str, source: str, model: str, gguf=None, dtype: str = 
     if gradient_checkpointing:
         enable_activation_checkpointing(network)
     if lora is not None and lora.enabled:
-        network = apply_lora(network, lora)
+        # The language model only: the vision tower's MLPs share the projections' names, and with LoRA it is
+        # frozen (vLLM, too, puts adapters on the language model only).
+        network = apply_lora(network, lora, exclude=VISION_MODULES)
     backbone = QwenVL(network, processor.tokenizer, name, processor, path=str(path))
     if adapter:
         backbone.load_trained(adapter)
