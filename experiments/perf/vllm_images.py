@@ -67,7 +67,7 @@ def main() -> None:
 
     hf = rollout_rate(HFEngine(), backbone, prompts, images, args.group, args.tokens, args.repeats)
     with tempfile.TemporaryDirectory() as sync_dir:
-        engine = VLLMEngine(sync_dir=sync_dir, server={"kv_cache_space_gib": 1.0})
+        engine = VLLMEngine(sync_dir=sync_dir, server={"kv_cache_space_gib": 1.0, "images_per_prompt": 1})
         try:
             started = time.perf_counter()
             engine.start(backbone)

@@ -81,6 +81,9 @@ class VLLMEngine:
         options = dict(self.server_options)
         if not policy.is_vlm:
             options["images_per_prompt"] = None
+        elif not options.get("images_per_prompt"):
+            raise ConfigError(f"backbone {policy.name} takes images: set rollout.server.images_per_prompt to the most "
+                              "images one prompt holds (vLLM serves images only, no videos, without torchvision)")
         if self.lora:
             options["max_lora_rank"] = max(options.get("max_lora_rank") or 0, policy.model.peft_config["default"].r)
         else:  # vLLM must serve an untied copy, or a full reload leaves its LM head stale
