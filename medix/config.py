@@ -205,6 +205,8 @@ class VLLMServerOptions:
     kv_cache_space_gib: float = 2.0
     cpu_threads_bind: Optional[str] = "auto"  # VLLM_CPU_OMP_THREADS_BIND; auto = every core of this process
     block_size: int = 32  # small blocks let a prompt's G children share its prefill
+    # a vision-language policy's most images in one prompt (vLLM's limit_mm_per_prompt); null: 1 for a VLM policy
+    images_per_prompt: Optional[int] = None
     startup_timeout_s: float = 600.0
     seed: int = "${seed}"  # type: ignore[assignment]
     log_path: Optional[str] = None  # null = a file under the sync folder
@@ -225,6 +227,7 @@ class VLLMRollout:
     adapter_name: str = "medix-policy"  # the LoRA adapter's name on the server (replaced in place every step)
     sync_dir: str = "${paths.output_dir}/rollout_sync"  # where the adapter or the weights are written for the server
     max_restarts: int = 2  # a server medix started that dies is restarted (and re-synced) this many times
+    placeholder_logit_bias: float = -100.0  # on a VLM's image/video placeholder tokens: never sampled (EasyR1's)
     server: VLLMServerOptions = field(default_factory=VLLMServerOptions)
     client: VLLMClientOptions = field(default_factory=VLLMClientOptions)
 

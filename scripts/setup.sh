@@ -17,6 +17,9 @@ vllm_env() {
   .venv-vllm/bin/python -m pip install -q -r requirements-vllm.txt
   # PyPI's builds of these need CUDA (the server dies on torchvision::nms, libc10_cuda.so); triton: no CPU backend
   .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+  # Qwen-VL models without torchvision: imported at every start of .venv-vllm's Python (see the module's docstring)
+  cp scripts/vllm_env/medix_vllm_compat.py scripts/vllm_env/medix_vllm_compat.pth \
+    "$(.venv-vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
   rm -f .venv-vllm/.medix-setup-*
   touch "$1"
   echo "medix: vLLM server environment ready in .venv-vllm/"
@@ -36,7 +39,7 @@ fi
 mkdir -p "$logs"
 vllm_pid=
 if [ "${MEDIX_VLLM:-0}" = 1 ]; then
-  vstamp=.venv-vllm/.medix-setup-$(cat requirements-vllm.txt scripts/setup.sh | sha256sum | cut -c1-16)
+  vstamp=.venv-vllm/.medix-setup-$(cat requirements-vllm.txt scripts/setup.sh scripts/vllm_env/* | sha256sum | cut -c1-16)
   if [ ! -f "$vstamp" ]; then
     vllm_env "$vstamp" >"$logs/vllm.log" 2>&1 &
     vllm_pid=$!

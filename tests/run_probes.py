@@ -83,38 +83,60 @@ def judge_error_at(completions, solutions, *, step: int, **columns) -> list[floa
 
 class EngineProbe(Callback):
     """rollout=vllm: after every GRPO step (the server synced), scores the first completion of the step's rollout
-    on the server (fresh prefill, the current adapter) and with the trainer's policy, and records the largest
-    |difference|; also records whether each validation batch came from the engine. Written to `engine.jsonl`."""
+    on the server (fresh prefill, the current adapter, the prompt's images) and with the trainer's policy (its pixel
+    values, image grids and M-RoPE token types), and records the largest |difference|; also records whether each
+    validation batch came from the engine. Written to `engine.jsonl` (rank 0) or `engine_rank<R>.jsonl`."""
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
         self.dirpath.mkdir(parents=True, exist_ok=True)
 
-    def write(self, record: dict) -> None:
-        with open(self.dirpath / "engine.jsonl", "a") as out:
+    def write(self, trainer, record: dict) -> None:
+        name = "engine.jsonl" if trainer.global_rank == 0 else f"engine_rank{trainer.global_rank}.jsonl"
+        with open(self.dirpath / name, "a") as out:
             out.write(json.dumps(record) + "\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         from medix.grpo.logprobs import completion_logprobs
+        from medix.models.sharding import run_as_forward
+        from medix.rollout.base import select_rows
+        from medix.rollout.vllm import one_placeholder_per_image
 
-        rollout = outputs["scored"].rollout
-        row = 0
+        scored = outputs["scored"]
+        rollout, row = scored.rollout, 0
         prompt = rollout.input_ids[row, :rollout.prompt_length][rollout.attention_mask[row, :rollout.prompt_length].bool()]
         length = int(rollout.completion_mask[row].sum())
         completion = rollout.completion_ids[row, :length]
-        engine = pl_module.engine
-        served = engine.client.score(prompt.tolist(), completion.tolist(),
+        engine, backbone = pl_module.engine, pl_module.backbone
+        images = scored.prompts.images[0] if scored.prompts.images else []
+        served = engine.client.score(one_placeholder_per_image(prompt.tolist(), backbone.placeholder_token_ids),
+                                     completion.tolist(), images=images or None,
                                      lora=engine.adapter_name if engine.lora else None)
-        ids = torch.cat([prompt, completion])[None]
+        part = select_rows(rollout, [row])
         with torch.no_grad():
-            trainer_logp, _ = completion_logprobs(pl_module.model, ids, torch.ones_like(ids), len(prompt))
-        self.write({"phase": "train", "step": pl_module.grpo_step, "tokens": length,
-                    "max_diff": float((torch.tensor(served) - trainer_logp[0]).abs().max()),
-                    "engine_logprobs": rollout.engine_logprobs is not None})
+            trainer_logp, _ = run_as_forward(pl_module.model, completion_logprobs, pl_module.model, part.input_ids,
+                                             part.attention_mask, part.prompt_length, backbone.model_inputs(part))
+        self.write(trainer, {"phase": "train", "step": pl_module.grpo_step, "tokens": length, "images": len(images),
+                             "sequence_inputs": sorted(rollout.sequence_inputs),
+                             "max_diff": float((torch.tensor(served) - trainer_logp[0, :length].cpu()).abs().max()),
+                             "engine_logprobs": rollout.engine_logprobs is not None})
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.write({"phase": "val", "step": pl_module.grpo_step,
-                    "engine_logprobs": outputs["scored"].rollout.engine_logprobs is not None})
+        self.write(trainer, {"phase": "val", "step": pl_module.grpo_step,
+                             "engine_logprobs": outputs["scored"].rollout.engine_logprobs is not None})
+
+
+class SkipSync(Callback):
+    """Fault injection for rollout=vllm: from the sync that ends GRPO step `step` on, the server never loads the new
+    policy (only its version number moves on), as a sync that silently did nothing would leave it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        engine = pl_module.engine
+        if pl_module.grpo_step + 1 == self.step:
+            engine.load = lambda served: engine.client.set_weight_version(str(engine.version))
 
 
 class StaleServer(Callback):

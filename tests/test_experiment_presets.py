@@ -95,3 +95,11 @@ def test_the_thinking_model_gets_its_own_run_name():
 
     assert "qwen3_vl_30b_a3b_thinking" in run_name(compose_preset("paper_30b_dapo"))
     assert "qwen3_vl_8b" in run_name(compose_preset("paper_8b_dapo"))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_preset_samples_through_vllm_with_room_for_the_papers_prompts_and_answers(name):
+    cfg = compose_preset(name)
+    assert cfg.rollout._target_ == "medix.rollout.vllm.VLLMEngine"
+    assert cfg.rollout.server.max_model_len >= 4352 + cfg.algorithm.sampling.max_new_tokens  # EasyR1's prompt + response
+    assert cfg.rollout.placeholder_logit_bias <= -100

@@ -28,6 +28,14 @@ def image_data_url(image: Any) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
+def item_image(item: BenchmarkItem):
+    """The item's image as an RGB PIL image."""
+    from PIL import Image
+
+    image = Image.open(item.image) if isinstance(item.image, (str, Path)) else item.image
+    return image.convert("RGB")
+
+
 def chat_messages(item: BenchmarkItem, with_image: bool) -> list[dict]:
     """The user turn sent to an endpoint: the raw question, the image first when there is one."""
     if with_image and item.image is not None:
@@ -108,11 +116,8 @@ class BackboneGenerator:
                     outputs[i] = text
             for i, item in enumerate(items):
                 if i not in outputs:  # VLM with an image: one at a time (processors differ in batched image input)
-                    from PIL import Image
-
-                    image = Image.open(item.image) if isinstance(item.image, (str, Path)) else item.image
                     encoded = self.backbone.processor(text=[self.prompt(item, with_image=True)],
-                                                      images=[image.convert("RGB")], return_tensors="pt")
+                                                      images=[item_image(item)], return_tensors="pt")
                     outputs[i] = self._decode(encoded)[0]
         return [outputs[i] for i in range(len(items))]
 
@@ -128,8 +133,7 @@ class BackboneGenerator:
 
 class EngineGenerator(BackboneGenerator):
     """Greedy answers of a loaded backbone sampled through a rollout engine (`rollout=vllm`: the vLLM server training
-    uses, started for the backbone with its adapter loaded), with the prompts BackboneGenerator builds. Text only:
-    the vLLM engine does not send images yet."""
+    uses, started for the backbone with its adapter loaded), with the prompts and images BackboneGenerator uses."""
 
     def __init__(self, backbone, engine, *, max_new_tokens: int, reasoning_tag: str, use_training_prompt: bool):
         super().__init__(backbone, max_new_tokens=max_new_tokens, reasoning_tag=reasoning_tag,
@@ -137,14 +141,12 @@ class EngineGenerator(BackboneGenerator):
         self.engine = engine
 
     def generate(self, items: list[BenchmarkItem]) -> list[str]:
-        from medix.errors import ConfigError
         from medix.rollout.base import Sampling
 
-        if self.backbone.is_vlm and any(item.image is not None for item in items):
-            raise ConfigError("rollout=vllm does not send images yet; evaluate image tasks without rollout= "
-                              "(HF generate) or with model.kind=endpoint")
-        prompts = [self.prompt(item, with_image=False) for item in items]
-        rollout = self.engine.generate(self.backbone, prompts, None, group_size=1,
+        with_image = [self.backbone.is_vlm and item.image is not None for item in items]
+        prompts = [self.prompt(item, with_image=w) for item, w in zip(items, with_image)]
+        images = [[item_image(item)] if w else [] for item, w in zip(items, with_image)]
+        rollout = self.engine.generate(self.backbone, prompts, images if any(with_image) else None, group_size=1,
                                        sampling=Sampling(max_new_tokens=self.max_new_tokens, temperature=0.0))
         return [text.strip() for text in rollout.texts]
 

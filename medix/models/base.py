@@ -84,6 +84,11 @@ class Backbone:
         return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
     @property
+    def placeholder_token_ids(self) -> list[int]:
+        """Tokens a sampler must never emit (a VLM's image/video placeholders); none for a text model."""
+        return []
+
+    @property
     def uses_lora(self) -> bool:
         return hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config")
 

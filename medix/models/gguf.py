@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from medix.errors import ConfigError, MedixError
+from medix.models.loading import build_folder_once
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +42,12 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, out_dir)  # atomic: a killed conversion never leaves a half folder behind
-        except OSError:
-            if not (out_dir / "config.json").is_file():  # not another process (a DDP rank) that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return build_folder_once(out_dir, write)
 
 
 def gguf_model_folder(package: str, filename: str, name: str, cache_dir: str | Path) -> Path:

@@ -159,6 +159,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def gathered_parameters(model: nn.Module, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The full values of the parameters whose names `keep` selects (a LoRA adapter's), on CPU, on every rank. A
+    collective: every rank gathers every selected parameter, in the same order, before any rank sends anything on
+    (a rank-0 send between the gathers hangs the others, TRL#7103)."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in model.named_parameters() if keep(name)}
+
+
 def save_full_pretrained(model: nn.Module, tokenizer, folder: str | Path, *,
                          twin: Callable[[], nn.Module] | None = None) -> Path:
     """One Hugging Face folder of the whole model, written by rank 0, that `from_pretrained` loads without peft: a

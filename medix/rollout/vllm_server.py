@@ -3,7 +3,9 @@ n completions per prompt with the sampled token ids and their sampling log-probs
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import io
 import json
 import os
 import subprocess
@@ -13,8 +15,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import openai
 
 from medix.errors import MedixError
 from medix.server_process import ServerProcess, serves
@@ -69,11 +69,13 @@ class Completion:
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop token) or "length" (max_tokens reached)
     text: str
+    prompt_token_ids: list[int] | None = None  # the prompt as the server ran it (image placeholders expanded)
 
 
 def server_command(python: Path, model: str, served_model_name: str, host: str, port: int, *, dtype: str,
                    max_model_len: int, max_lora_rank: int | None, max_loras: int, block_size: int, seed: int,
-                   tokenizer: str | None = None, extra_args: tuple[str, ...] = ()) -> list[str]:
+                   tokenizer: str | None = None, images_per_prompt: int | None = None,
+                   extra_args: tuple[str, ...] = ()) -> list[str]:
     cmd = [
         str(python), "-c", LAUNCHER, str(os.getpid()), "-m", "vllm.entrypoints.openai.api_server",
         "--model", model, "--served-model-name", served_model_name, "--host", host, "--port", str(port),
@@ -82,9 +84,12 @@ def server_command(python: Path, model: str, served_model_name: str, host: str, 
         "--logprobs-mode", "processed_logprobs",
         # only the sampling parameters a request sends (not generation_config.json's top_k, repetition_penalty...)
         "--generation-config", "vllm",
+        "--enable-scale-out",  # the token route /inference/v1/generate: token-id prompts with their images
     ]  # fmt: skip
     if tokenizer is not None:
         cmd += ["--tokenizer", tokenizer]
+    if images_per_prompt is not None:  # a vision-language model: images only (no video processor without torchvision)
+        cmd += ["--limit-mm-per-prompt", json.dumps({"image": images_per_prompt, "video": 0})]
     if max_lora_rank is not None:
         cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras)]
     return cmd + list(extra_args)
@@ -122,7 +127,8 @@ def check_python(python: Path, env: dict[str, str] | None = None) -> None:
 
 class VLLMServer(ServerProcess):
     """One `vllm.entrypoints.openai.api_server` subprocess serving the HF folder (or hub id) `model` as
-    `served_model_name`, from interpreter `python`; its output goes to `log_path`. For full-weight updates serve a
+    `served_model_name`, from interpreter `python`; its output goes to `log_path`. `images_per_prompt`: a
+    vision-language model's most images in one prompt (None: a text model). For full-weight updates serve a
     folder written by `save_for_reload` (with `tokenizer` = the original folder). Use as a context manager; it is
     also stopped at exit, and it dies with the process that started it (start it from a long-lived thread)."""
 
@@ -135,7 +141,8 @@ class VLLMServer(ServerProcess):
                  tokenizer: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
                  dtype: str = "float32", max_model_len: int = 2048,
                  max_lora_rank: int | None = None, max_loras: int = 1, block_size: int = 32,
-                 kv_cache_space_gib: float = 2, cpu_threads_bind: str | None = "auto", seed: int = 0,
+                 images_per_prompt: int | None = None, kv_cache_space_gib: float = 2,
+                 cpu_threads_bind: str | None = "auto", seed: int = 0,
                  extra_args: tuple[str, ...] | list[str] = (), env: dict[str, str] | None = None,
                  startup_timeout_s: float = 600.0, log_path: str | Path | None = None):
         super().__init__(host=host, port=port, startup_timeout_s=startup_timeout_s, log_path=log_path or
@@ -149,6 +156,7 @@ class VLLMServer(ServerProcess):
         self.max_lora_rank = max_lora_rank
         self.max_loras = max_loras
         self.block_size = block_size
+        self.images_per_prompt = images_per_prompt
         self.kv_cache_space_gib = kv_cache_space_gib
         self.cpu_threads_bind = cpu_threads_bind
         self.seed = seed
@@ -168,7 +176,8 @@ class VLLMServer(ServerProcess):
         return server_command(self.python, self.model, self.served_model_name, self.host, self.port, dtype=self.dtype,
                               max_model_len=self.max_model_len, max_lora_rank=self.max_lora_rank,
                               max_loras=self.max_loras, block_size=self.block_size, seed=self.seed,
-                              tokenizer=self.tokenizer, extra_args=self.extra_args)
+                              tokenizer=self.tokenizer, images_per_prompt=self.images_per_prompt,
+                              extra_args=self.extra_args)
 
     def shown(self, cmd: list[str]) -> list[str]:
         return [c if c != LAUNCHER else "<launcher>" for c in cmd]
@@ -189,25 +198,26 @@ class VLLMServer(ServerProcess):
         return VLLMClient(self.base_url, self.served_model_name, **kwargs)
 
 
-def save_for_reload(model, out_dir: str | Path) -> Path:
+def save_for_reload(model, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Write a causal LM's weights and config to `out_dir` as an HF folder that a vLLM server can start from and
     `VLLMClient.update_weights` can reload: one safetensors file, with the LM head stored apart from the input
     embedding (tie_word_embeddings false). vLLM 0.32 on CPU keeps the LM head it prepared at start when a tied
-    model is reloaded in place, so a tied checkpoint would leave the head stale; an untied one reloads every weight."""
+    model is reloaded in place, so a tied checkpoint would leave the head stale; an untied one reloads every weight.
+    `state_dict`: the full weights gathered from a sharded model (FSDP), written instead of the local ones."""
     import copy
 
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
-    head = model.get_output_embeddings()
-    head_name = next((name for name, module in model.named_modules() if module is head), None)
-    if head is not None and head_name is not None:
-        embedding = model.get_input_embeddings().weight
-        key = f"{head_name}.weight"
-        if key not in state or head.weight.data_ptr() == embedding.data_ptr():
-            state[key] = head.weight.detach().to("cpu").clone()
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in source.items()}
+    names = {id(module): name for name, module in model.named_modules()}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and id(head) in names:
+        head_key, embedding_key = f"{names[id(head)]}.weight", f"{names[id(embedding)]}.weight"
+        if head_key not in state or head.weight is embedding.weight:  # tied: the head gets a copy of its own
+            state[head_key] = state[embedding_key].clone()
     seen: dict[int, str] = {}
     for name, tensor in list(state.items()):  # safetensors refuses tensors that share memory
         if tensor.data_ptr() in seen:
@@ -224,8 +234,9 @@ def save_for_reload(model, out_dir: str | Path) -> Path:
 
 
 class VLLMClient:
-    """Talks to a vLLM server at `base_url` (`http://host:port/v1`) serving `model`: sampling from token-id prompts,
-    scoring fixed sequences, swapping LoRA adapters in place and reloading full weights. Each call retries
+    """Talks to a vLLM server at `base_url` (`http://host:port/v1`) serving `model`: sampling from token-id prompts
+    (with their images) and scoring fixed sequences on its token route `/inference/v1/generate` (a server started
+    with `--enable-scale-out`), swapping LoRA adapters in place and reloading full weights. Each call retries
     transport errors and 5xx replies `max_retries` times; thread-safe."""
 
     def __init__(self, base_url: str, model: str, *, api_key: str = "EMPTY", timeout_s: float = 600.0,
@@ -238,45 +249,50 @@ class VLLMClient:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.api_key = api_key
-        self._openai = openai.OpenAI(base_url=self.base_url, api_key=api_key, timeout=timeout_s,
-                                     max_retries=max_retries)
 
     # -- sampling and scoring ----------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, lora: str | None = None, min_tokens: int = 0,
-                 stop_token_ids: list[int] | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], *, images: list[list] | None = None, n: int = 1,
+                 max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 lora: str | None = None, min_tokens: int = 0, stop_token_ids: list[int] | None = None,
+                 logit_bias: dict[int, float] | None = None) -> list[list[Completion]]:
         """For each token-id prompt, `n` sampled completions (one request per prompt, `n` children sharing its
-        prefill; prompts sent concurrently). With `seed`, prompt i's completions use seeds seed + i*n + j.
-        `lora`: the adapter name given to `load_adapter` (None: the base weights)."""
+        prefill; prompts sent concurrently). `images[i]`: prompt i's images (PIL), in the order of its image
+        placeholders (one per image, or already expanded as a processor writes them); each Completion carries the
+        prompt as the server expanded it. With `seed`, prompt i's completions use seeds seed + i*n + j. `lora`: the
+        adapter name given to `load_adapter` (None: the base weights). `logit_bias`: added to those tokens' logits
+        (-100: never sampled, e.g. image placeholders)."""
         if not prompts:
             return []
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts; need one (maybe empty) per prompt")
 
         def one(i: int) -> list[Completion]:
-            body = {"return_token_ids": True, "min_tokens": min_tokens}
+            params = {"n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "logprobs": 0,
+                      "min_tokens": min_tokens, "seed": None if seed is None else seed + i * n}
             if stop_token_ids:
-                body["stop_token_ids"] = list(stop_token_ids)
-            reply = self._completions(
-                f"generate (prompt {i})", model=lora or self.model, prompt=list(prompts[i]), n=n,
-                max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                seed=None if seed is None else seed + i * n, extra_body=body,
-            )  # fmt: skip
-            return [self._completion(choice, i) for choice in sorted(reply.choices, key=lambda c: c.index)]
+                params["stop_token_ids"] = list(stop_token_ids)
+            if logit_bias:
+                params["logit_bias"] = {str(k): float(v) for k, v in logit_bias.items()}
+            reply = self._generate(f"generate (prompt {i})", prompts[i], images[i] if images else None, params, lora)
+            return [self._completion(choice, reply, i) for choice in sorted(reply["choices"], key=lambda c: c["index"])]
 
         with concurrent.futures.ThreadPoolExecutor(min(self.max_concurrency, len(prompts))) as pool:
             return list(pool.map(one, range(len(prompts))))
 
-    def score(self, prompt_ids: list[int], completion_ids: list[int], *, lora: str | None = None) -> list[float]:
-        """The server's log-prob of each completion token given the prompt and the tokens before it, at temperature 1
-        (vLLM's prompt log-probs: a fresh prefill, never read from the prefix cache)."""
+    def score(self, prompt_ids: list[int], completion_ids: list[int], *, images: list | None = None,
+              lora: str | None = None) -> list[float]:
+        """The server's log-prob of each completion token given the prompt (and its images) and the tokens before
+        it, at temperature 1 (vLLM's prompt log-probs: a fresh prefill, never read from the prefix cache)."""
         if not prompt_ids or not completion_ids:
             raise ValueError("score needs a non-empty prompt and completion")
         ids = list(prompt_ids) + list(completion_ids)
-        reply = self._completions("score", model=lora or self.model, prompt=ids, max_tokens=1, temperature=0.0,
-                                  extra_body={"prompt_logprobs": 0})
-        rows = (reply.choices[0].model_extra or {}).get("prompt_logprobs")
-        if rows is None or len(rows) != len(ids):
-            raise VLLMError(f"vLLM server {self.url}: score got no prompt_logprobs for {len(ids)} tokens")
-        return [float(rows[k][str(ids[k])]["logprob"]) for k in range(len(prompt_ids), len(ids))]
+        reply = self._generate("score", ids, images, {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0},
+                               lora)
+        rows, expanded = reply.get("prompt_logprobs"), reply.get("prompt_token_ids") or ids
+        if rows is None or len(rows) != len(expanded):
+            raise VLLMError(f"vLLM server {self.url}: score got no prompt_logprobs for {len(expanded)} tokens")
+        return [float(rows[k][str(expanded[k])]["logprob"]) for k in range(len(expanded) - len(completion_ids),
+                                                                          len(expanded))]
 
     # -- policy sync -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> float:
@@ -328,7 +344,7 @@ class VLLMClient:
         return [m["id"] for m in self._request("GET", "/v1/models", None, what="models")["data"]]
 
     def close(self) -> None:
-        self._openai.close()
+        pass  # every request opens its own connection
 
     def __enter__(self) -> "VLLMClient":
         return self
@@ -337,24 +353,23 @@ class VLLMClient:
         self.close()
 
     # -- plumbing ----------------------------------------------------------------------------------------------
-    def _completions(self, what: str, **kwargs):
-        try:
-            return self._openai.completions.create(**kwargs)
-        except openai.APIStatusError as err:
-            raise VLLMError(f"vLLM server {self.url}: {what} failed with HTTP {err.status_code}: "
-                            f"{error_detail(err.response.text)}") from err
-        except openai.APIError as err:  # connection errors and timeouts, after the SDK's retries
-            raise VLLMError(f"vLLM server {self.url}: {what} failed after {self.max_retries} retries: {err}") from err
+    def _generate(self, what: str, token_ids: list[int], images: list | None, params: dict,
+                  lora: str | None) -> dict:
+        body = {"model": lora or self.model, "token_ids": list(token_ids), "sampling_params": params,
+                "return_token_ids": True, "output_mode": "text"}
+        if images:
+            body["content_parts"] = [{"type": "image_url", "url": png_data_url(image)} for image in images]
+        return self._post("/inference/v1/generate", body, what=what)
 
-    def _completion(self, choice, prompt_index: int) -> Completion:
-        extra = choice.model_extra or {}
-        token_ids = extra.get("token_ids")
-        logprobs = choice.logprobs.token_logprobs if choice.logprobs is not None else None
-        if token_ids is None or logprobs is None or len(token_ids) != len(logprobs):
+    def _completion(self, choice: dict, reply: dict, prompt_index: int) -> Completion:
+        token_ids = choice.get("token_ids")
+        content = (choice.get("logprobs") or {}).get("content")
+        if token_ids is None or content is None or len(token_ids) != len(content):
             raise VLLMError(f"vLLM server {self.url}: generate (prompt {prompt_index}) returned no token ids or "
-                            "log-probs (does the server support return_token_ids?)")
-        return Completion(token_ids=list(token_ids), logprobs=[float(x) for x in logprobs],
-                          finish_reason=choice.finish_reason, text=choice.text)
+                            "log-probs")
+        return Completion(token_ids=list(token_ids), logprobs=[float(c["logprob"]) for c in content],
+                          finish_reason=choice["finish_reason"], text=choice.get("text", ""),
+                          prompt_token_ids=reply.get("prompt_token_ids"))
 
     def _post(self, path: str, body: dict, *, what: str) -> dict:
         return self._request("POST", path, body, what=what)
@@ -385,6 +400,14 @@ class VLLMClient:
                                     f"{err}") from err
             time.sleep(self.retry_backoff_s * 2**attempt)
         raise AssertionError("unreachable")
+
+
+def png_data_url(image) -> str:
+    """A `data:` URL of a PIL image as PNG: lossless, so the server decodes the very pixels the trainer's processor
+    sees (a JPEG would change them)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
 def error_detail(text: str, limit: int = 500) -> str:
