@@ -99,7 +99,7 @@ def medix_run(repo_root, tmp, url, rows, *overrides) -> tuple[dict[str, list[flo
     cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", "backbone=tiny_qwen_vl", "rollout=vllm",
            f"rollout.base_url={url}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
            "dataset=jsonl", f"dataset.path={data}", "dataset.min_pixels=3136", "dataset.max_pixels=50176",
-           "reward=embed_only", "reward.components.embedding.mode=continuous", "algorithm.weight_decay=0",
+           "reward=embed_only", "reward.components.embedding.mode=continuous", "algorithm.optimizer.weight_decay=0",
            "algorithm.sampling.max_new_tokens=12", "trainer.val_check_interval=null",
            "+callbacks.probe._target_=run_probes.EngineProbe", f"+callbacks.probe.dirpath={tmp}",
            f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/hydra",

@@ -256,3 +256,17 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path, fake_vllm):
         assert wait_dead(pid) and wait_dead(engine)  # the fake server ignores its engine on SIGTERM; no orphan
     finally:
         parent.kill()
+
+
+def test_an_adapter_rank_vllm_does_not_list_is_served_at_the_next_one_it_does():
+    from medix.errors import ConfigError
+    from medix.rollout.vllm_server import server_command
+
+    def rank_flag(rank):
+        cmd = server_command(Path(sys.executable), "m", "m", "127.0.0.1", 8000, dtype="float32", max_model_len=64,
+                             max_lora_rank=rank, max_loras=1, block_size=16, seed=0)
+        return int(cmd[cmd.index("--max-lora-rank") + 1])
+
+    assert [rank_flag(r) for r in (1, 4, 8, 9, 300, 320)] == [1, 8, 8, 16, 320, 320]
+    with pytest.raises(ConfigError, match="1024"):
+        rank_flag(1024)

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from medix.errors import MedixError
+from medix.errors import ConfigError, MedixError
 from medix.server_process import ServerProcess, serves
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +72,18 @@ class Completion:
     prompt_token_ids: list[int] | None = None  # the prompt as the server ran it (image placeholders expanded)
 
 
+# the ranks vLLM's --max-lora-rank accepts (vllm/config/lora.py, 0.32); an adapter of rank 4 is served at 8
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def served_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds an adapter of `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ConfigError(f"LoRA rank {rank} is above the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
+
+
 def server_command(python: Path, model: str, served_model_name: str, host: str, port: int, *, dtype: str,
                    max_model_len: int, max_lora_rank: int | None, max_loras: int, block_size: int, seed: int,
                    tokenizer: str | None = None, images_per_prompt: int | None = None,
@@ -91,7 +103,7 @@ def server_command(python: Path, model: str, served_model_name: str, host: str, 
     if images_per_prompt is not None:  # a vision-language model: images only (no video processor without torchvision)
         cmd += ["--limit-mm-per-prompt", json.dumps({"image": images_per_prompt, "video": 0})]
     if max_lora_rank is not None:
-        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras)]
+        cmd += ["--enable-lora", "--max-lora-rank", str(served_lora_rank(max_lora_rank)), "--max-loras", str(max_loras)]
     return cmd + list(extra_args)
 
 
