@@ -125,10 +125,13 @@ class DynamicSampling:
 
 @dataclass
 class MismatchCorrection:
-    """Truncated importance sampling for the engine/trainer mismatch (TRL's vllm_importance_sampling_*): each
-    completion's policy-gradient term is weighted by pi_trainer / pi_engine of its tokens, and weights outside
-    [clip_min, clip_max] are masked to 0 (`*_mask`) or clipped (`*_truncate`). Needs an engine that reports its
-    sampling log-probs (rollout=vllm)."""
+    """Truncated importance sampling for the gap between the engine's sampling distribution and the trainer's (TRL's
+    vllm_importance_sampling_*): each completion's policy-gradient term is weighted by pi_trainer / pi_engine of its
+    tokens, and weights outside [clip_min, clip_max] are masked to 0 (`*_mask`) or clipped (`*_truncate`). pi_engine
+    is the engine's own log-probs of what it sampled, so the weight covers both the engine/trainer numerical mismatch
+    and the policy lag of asynchronous rollouts (rollout.max_staleness >= 1). Modes: token_truncate = verl's Token-TIS,
+    sequence_truncate = Seq-TIS, sequence_mask = Seq-MIS (TRL's default, cap 3), token_mask = a per-token mask like
+    prime-rl's. Needs an engine that reports its sampling log-probs (rollout=vllm)."""
 
     enabled: bool = False
     mode: str = "sequence_mask"  # sequence_mask | sequence_truncate | token_mask | token_truncate
@@ -192,6 +195,7 @@ class HFRollout:
     _target_: str = "medix.rollout.hf.HFEngine"
     share_prompt_cache: bool = True  # prefill each distinct prompt once and copy its KV cache to the group
     cache_implementation: Optional[str] = None  # transformers' generate(cache_implementation=...), e.g. static
+    max_staleness: int = 0  # 0 only: generate samples from the trainer's own model (asynchronous: rollout=vllm)
 
 
 @dataclass
@@ -228,6 +232,9 @@ class VLLMRollout:
     sync_dir: str = "${paths.output_dir}/rollout_sync"  # where the adapter or the weights are written for the server
     max_restarts: int = 2  # a server medix started that dies is restarted (and re-synced) this many times
     placeholder_logit_bias: float = -100.0  # on a VLM's image/video placeholder tokens: never sampled (EasyR1's)
+    # 0: the synchronous step. k >= 1: a thread samples and scores the next k steps' batches while the trainer
+    # updates; no sample more than k policy versions old is trained on (medix.grpo.producer)
+    max_staleness: int = 0
     server: VLLMServerOptions = field(default_factory=VLLMServerOptions)
     client: VLLMClientOptions = field(default_factory=VLLMClientOptions)
 

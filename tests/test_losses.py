@@ -434,11 +434,12 @@ def test_mismatch_weights_follow_trls_modes_by_hand():
     w, m = mismatch_weights(trainer, engine, mask, mode="sequence_mask", clip_max=3.0)
     assert w.shape == (2, 1)
     assert float(w[0]) == pytest.approx(math.exp(0.5)) and float(w[1]) == 0.0  # exp(2) > 3: masked
-    assert float(m["mismatch/masked_frac"]) == 0.5
+    assert float(m["mismatch/masked_seqs"]) == 0.5 and float(m["mismatch/masked_tokens"]) == pytest.approx(3 / 5)
     w, _ = mismatch_weights(trainer, engine, mask, mode="sequence_truncate", clip_max=3.0)
     assert [float(x) for x in w] == pytest.approx([math.exp(0.5), 3.0])
-    w, _ = mismatch_weights(trainer, engine, mask, mode="token_mask", clip_max=3.0, clip_min=0.5)
+    w, m = mismatch_weights(trainer, engine, mask, mode="token_mask", clip_max=3.0, clip_min=0.5)
     assert w.shape == (2, 3) and float(w[0, 0]) == pytest.approx(math.exp(0.5)) and float(w[1, 1]) == 0.0
+    assert float(m["mismatch/masked_tokens"]) == pytest.approx(1 / 5) and float(m["mismatch/masked_seqs"]) == 0.5
     assert float(w[0, 2]) == 1.0  # padding: ratio 1
     with pytest.raises(ValueError, match="mismatch_correction.mode"):
         mismatch_weights(trainer, engine, mask, mode="sequence")

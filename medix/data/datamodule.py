@@ -158,6 +158,19 @@ class PromptDataModule(L.LightningDataModule):
             self._resume = None
         return loader
 
+    def train_batch(self, position: int) -> PromptBatch:
+        """The training batch of GRPO step `position` (0-based, counted over epochs), the one the training loader
+        serves at that step on this rank: epoch position // batches per epoch, its shuffle, that batch. The rollout
+        producer (rollout.max_staleness >= 1) samples it ahead of the loader."""
+        if not self.train:
+            raise ConfigError("the training split is empty; lower dataset.val_size")
+        rank, world = self._ranks()
+        order = ShardedBatches(len(self.train), self.batch_size, shuffle=True, seed=self.seed, rank=rank,
+                               world_size=world)
+        epoch, index = divmod(position, len(order))
+        order.set_epoch(epoch)
+        return self.collate([(self.train[i], counted) for i, counted in list(order)[index]])
+
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val, self.val_batch_size, shuffle=False) if self.val else []
 

@@ -188,9 +188,14 @@ def mismatch_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask
         weights = weights.masked_fill(outside, 0.0)
     counted = mask.any(dim=1, keepdim=True) if mode.startswith("sequence") else mask.bool()
     values = weights[counted.expand_as(weights)] if counted.any() else weights.new_zeros(1)
+    tokens, rows = mask.bool(), mask.bool().any(dim=1)
+    masked_tokens = outside.expand_as(tokens) & tokens  # a masked sequence masks all its tokens
+    masked_rows = masked_tokens.any(dim=1) & rows
     metrics = {"mismatch/is_weight/mean": values.mean(), "mismatch/is_weight/min": values.min(),
                "mismatch/is_weight/max": values.max(),
-               "mismatch/masked_frac": (outside & counted).float().sum() / counted.float().sum().clamp(min=1)}
+               # shares of the completion tokens, and of the completions (any token masked), whose weight is 0
+               "mismatch/masked_tokens": masked_tokens.float().sum() / tokens.float().sum().clamp(min=1),
+               "mismatch/masked_seqs": masked_rows.float().sum() / rows.float().sum().clamp(min=1)}
     return weights, metrics
 
 

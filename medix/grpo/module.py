@@ -7,8 +7,8 @@ import logging
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -17,9 +17,10 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from medix.data.datamodule import PromptBatch
-from medix.errors import ConfigError
+from medix.errors import ConfigError, MedixError
 from medix.grpo.logprobs import completion_logprobs
 from medix.grpo.plan import MicroBatch, padded_plan, passes_per_step, update_plan
+from medix.grpo.producer import Produced, RolloutProducer, position_seed
 from medix.memory import freed_memory_returned
 from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator,
                                mismatch_weights, policy_loss)
@@ -35,12 +36,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class Scored:
     """Prompts, their G completions each (consecutive rows), and every reward of every completion (`rewards`, which
-    waits for them when they are still being computed in the background)."""
+    waits for them when they are still being computed in the background); `timings`: the seconds its rollout and
+    reward took where they ran in the producer's thread (max_staleness >= 1)."""
 
     prompts: PromptBatch
     rollout: Rollout
     scores: RewardBatch | Future
     group_size: int
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def rewards(self) -> RewardBatch:
@@ -91,7 +94,11 @@ class GRPOModule(L.LightningModule):
                                   aggregation=algorithm.aggregation, importance=algorithm.importance,
                                   beta=algorithm.beta, max_completion_length=self.sampling.max_new_tokens)
         self.grpo_step = 0
+        self.seed = seed
         self.refill_rng = random.Random(seed)
+        # rollout.max_staleness >= 1: a producer thread samples and scores ahead of the trainer (on_train_start)
+        self.max_staleness = getattr(engine, "max_staleness", 0)
+        self.producer: RolloutProducer | None = None
         # The KL reference: with LoRA the adapter switched off (no copy); a full fine-tune keeps a frozen copy, made
         # before any sharding and kept out of the registered modules (so out of every checkpoint).
         reference = None
@@ -134,35 +141,115 @@ class GRPOModule(L.LightningModule):
         started = time.perf_counter()
         self._step_start_state = (rng_state(), self.refill_rng.getstate())
         self.timings = {"rollout": 0.0, "reward": 0.0}
-        sampled, trained = self.collect(batch)  # rollout → reward; DAPO keeps informative groups and refills
+        if self.producer is None:  # synchronous: sample, score, update, sync
+            sampled, trained = self.collect(batch)  # rollout → reward; DAPO keeps informative groups and refills
+            lag: dict[str, float] = {}
+        else:  # the producer sampled and scored this step's batch while the trainer updated the last one
+            sampled, trained = self.collect_ahead(batch)
+            lag = self.lag_metrics(sampled)
         metrics = self.update(trained)  # advantages, then the clipped policy-gradient mini-batch updates
         metrics.update(self.engine.sync(self.backbone))  # the engine samples the next step from the new weights
+        if self.producer is not None:  # waiting for the rollouts: in take/refills, and for the request a sync waits on
+            self.timings["wait_for_rollout"] = self.producer.wait_s() + metrics.get("rollout/sync_wait_s", 0.0)
+            self.timings["engine_idle"] = self.producer.engine_idle_s()
+            lag.update({f"time/{k}_s": self.timings[k] for k in ("wait_for_rollout", "engine_idle")})
+            metrics.update(lag)
         self.grpo_step += 1
         self._step_start_state = None
         reward_metrics = self.log_step(metrics, sampled, trained, time.perf_counter() - started)
-        return {"scored": trained, "metrics": reward_metrics}
+        return {"scored": trained, "metrics": reward_metrics, "async": lag}
 
     def collect(self, batch: PromptBatch) -> tuple[list[Scored], Scored]:
-        """Every scored rollout of this step, and what to train on. With dynamic sampling (DAPO), groups whose mean
-        reward is ~0 or ~1 (no signal) are dropped and fresh prompts rolled out, up to `max_tries` rollouts."""
+        """Every scored rollout of this step, and what to train on (`filter_groups`)."""
+        first = self.score(batch, background=not self.algo.dynamic_sampling.enabled)  # DAPO's filter needs rewards
+        return self.filter_groups(first, lambda missing, tries: self.score(
+            self.trainer.datamodule.refill(missing, self.refill_rng)))
+
+    def filter_groups(self, first: Scored, refill) -> tuple[list[Scored], Scored]:
+        """With dynamic sampling (DAPO), groups whose mean reward is ~0 or ~1 (no signal) are dropped and fresh
+        prompts rolled out (`refill(missing prompts, rollouts so far)`), up to `max_tries` rollouts."""
         dyn, G = self.algo.dynamic_sampling, self.algo.group_size
-        sampled = [self.score(batch, background=not dyn.enabled)]  # DAPO's filter needs the rewards at once
+        sampled = [first]
         if not dyn.enabled:
             return sampled, sampled[0]
+        size = len(first.prompts)
         kept: list[Scored] = []
         while True:
             keep = dapo_group_filter(sampled[-1].overall, G, min_mean=dyn.min_mean, max_mean=dyn.max_mean)
             groups = [g for g, k in enumerate(keep.tolist()) if k]
             if groups:
                 kept.append(sampled[-1].groups(groups))
-            missing = len(batch) - sum(len(k.prompts) for k in kept)
+            missing = size - sum(len(k.prompts) for k in kept)
             if missing <= 0 or len(sampled) >= dyn.max_tries:
                 break
-            sampled.append(self.score(self.trainer.datamodule.refill(missing, self.refill_rng)))
+            sampled.append(refill(missing, len(sampled)))
         if not kept:  # nothing informative: train on the last rollout (its advantages are all zero)
             return sampled, sampled[-1]
         trained = Scored.concat(kept, self.backbone.tokenizer.pad_token_id)
-        return sampled, trained.groups(list(range(min(len(batch), len(trained.prompts)))))
+        return sampled, trained.groups(list(range(min(size, len(trained.prompts)))))
+
+    # ---- asynchronous rollouts (rollout.max_staleness >= 1) -------------------------------------------------------
+    def collect_ahead(self, batch: PromptBatch) -> tuple[list[Scored], Scored]:
+        """This step's batch as the producer sampled and scored it (at most max_staleness policy versions old); DAPO's
+        refills are sampled by the producer too, from prompts drawn with this step's own RNG."""
+        position = self.grpo_step
+        taken: Produced = self.producer.take(position)
+        first = taken.batch
+        ids, expected = [s.id for s in first.prompts.samples], [s.id for s in batch.samples]
+        if ids != expected:  # the producer's data position and the loader's disagree (a resume gone wrong)
+            raise MedixError(f"GRPO step {position + 1}: the rollout producer sampled prompts {ids}, the data loader "
+                             f"serves {expected}")
+
+        def refill(missing: int, tries: int) -> Scored:
+            prompts = self.trainer.datamodule.refill(missing, random.Random(position_seed(self.seed, position, tries)))
+            return self.producer.run(lambda: self.produce(position, tries, prompts))
+
+        sampled, trained = self.filter_groups(first, refill)
+        for part in sampled:
+            for key, value in part.timings.items():
+                self.timings[key] = self.timings.get(key, 0.0) + value
+        return sampled, trained
+
+    def produce(self, position: int, attempt: int, batch: PromptBatch | None = None) -> Scored:
+        """In the producer's thread: GRPO step `position`'s prompts (or `batch`, a DAPO refill) rolled out with the
+        seed of (seed, position, attempt) and scored."""
+        batch = batch if batch is not None else self.trainer.datamodule.train_batch(position)
+        G = self.algo.group_size
+        started = time.perf_counter()
+        prompts = [self.backbone.render(s, self.reasoning_tag) for s in batch.samples]
+        with self.engine_busy():
+            rollout = self.engine.generate(self.backbone, prompts, batch.images, group_size=G, sampling=self.sampling,
+                                           seed=position_seed(self.seed, position, attempt))
+        sampled = time.perf_counter()
+        each = [s for s in batch.samples for _ in range(G)]
+        scores = self.reward(rollout.texts, [s.solution for s in each], questions=[s.problem for s in each],
+                             ids=[s.id for s in each])
+        return Scored(batch, rollout, scores, G, timings={"rollout": sampled - started,
+                                                          "reward": time.perf_counter() - sampled})
+
+    def lag_metrics(self, sampled: list[Scored]) -> dict[str, float]:
+        """How many policy versions behind the trainer's the step's rollouts were (over rows), the batches waiting
+        in the queue and the rows dropped for staleness this step."""
+        version = int(self.engine.version)
+        lags = [(version - part.rollout.policy_version, len(part.rollout)) for part in sampled]
+        rows = sum(n for _, n in lags)
+        return {"rollout/staleness/mean": sum(lag * n for lag, n in lags) / max(rows, 1),
+                "rollout/staleness/max": float(max(lag for lag, _ in lags)),
+                "rollout/queue_depth": float(self.producer.queue_depth()),
+                "rollout/stale_dropped": float(self.producer.stale_dropped())}
+
+    def close_producer(self) -> None:
+        """Stop sampling ahead and join the producer's thread (the end of training, an exception, Ctrl-C)."""
+        if self.producer is not None:
+            self.producer.close()
+            self.producer = None
+
+    def configure_callbacks(self):
+        return [ProducerShutdown()] if self.max_staleness else []
+
+    def engine_busy(self):
+        """Marks the engine busy for `time/engine_idle_s` (validation's rollouts, asynchronous mode)."""
+        return self.producer.engine_clock.busy() if self.producer is not None else nullcontext()
 
     def score(self, batch: PromptBatch, group_size: int | None = None, background: bool = False,
               reward=None) -> Scored:
@@ -171,7 +258,8 @@ class GRPOModule(L.LightningModule):
         G = group_size or self.algo.group_size
         t0 = time.perf_counter()
         prompts = [self.backbone.render(s, self.reasoning_tag) for s in batch.samples]
-        rollout = self.engine.generate(self.backbone, prompts, batch.images, group_size=G, sampling=self.sampling)
+        with self.engine_busy():
+            rollout = self.engine.generate(self.backbone, prompts, batch.images, group_size=G, sampling=self.sampling)
         self.timings["rollout"] = self.timings.get("rollout", 0.0) + time.perf_counter() - t0
         each = [s for s in batch.samples for _ in range(G)]
         reward_fn = reward or self.reward
@@ -448,6 +536,21 @@ class GRPOModule(L.LightningModule):
         if self._resumed_rng is not None:  # after the data loaders drew their seeds, as in the uninterrupted run
             restore_rng(self._resumed_rng)
             self._resumed_rng = None
+        if self.max_staleness and self.producer is None:  # sample ahead from the checkpoint's step on
+            if callable(getattr(self.engine, "start", None)):
+                self.engine.start(self.backbone)  # every rank, here: starting may take collectives
+            self.producer = RolloutProducer(self.produce, self.engine, self.max_staleness, start=self.grpo_step)
+
+
+class ProducerShutdown(L.Callback):
+    """The rollout producer's thread is joined when training ends, however it ends (Lightning calls a module no
+    hook on an exception or Ctrl-C, only callbacks)."""
+
+    def on_train_end(self, trainer, pl_module):
+        pl_module.close_producer()
+
+    def on_exception(self, trainer, pl_module, exception):
+        pl_module.close_producer()
 
 
 def scores_of(rewards: RewardBatch, name: str) -> torch.Tensor:

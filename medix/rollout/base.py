@@ -34,6 +34,7 @@ class Rollout:
     sequence_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, P+T] per-token processor outputs
     row_images: list[Any] | None = None  # each row's images in the backbone's layout (None: no image inputs)
     engine_logprobs: torch.Tensor | None = None  # [N, T] log-probs the engine sampled with (vLLM); None for HF
+    policy_version: int = 0  # the engine's policy version when it sampled these rows (syncs since it started)
 
     def __post_init__(self):
         n = self.input_ids.shape[0]
@@ -53,10 +54,14 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
-    """Samples completions for the policy; `sync` makes it sample from the policy's current weights."""
+    """Samples completions for the policy; `sync` makes it sample from the policy's current weights (a new
+    `version`). `max_staleness` (`rollout.max_staleness`): how many versions older than the trainer's policy a sample
+    it trains on may be; 0 = the synchronous step. `seed`: the sampling seed (None: drawn from the torch RNG)."""
+
+    max_staleness: int
 
     def generate(self, policy, prompts: list[str], images: list[list] | None, *, group_size: int,
-                 sampling: Sampling) -> Rollout: ...
+                 sampling: Sampling, seed: int | None = None) -> Rollout: ...
 
     def sync(self, policy) -> dict[str, float]: ...
 
@@ -120,6 +125,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         row_images=[img for r in rollouts for img in (r.row_images or [None] * len(r))] if has_images else None,
         engine_logprobs=torch.cat([F.pad(r.engine_logprobs, (0, T - r.engine_logprobs.shape[1])) for r in rollouts])
         if all(has_logprobs) else None,
+        policy_version=min(r.policy_version for r in rollouts),  # the oldest part's
     )
 
 

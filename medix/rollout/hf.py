@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from medix.errors import ConfigError
 from medix.models.base import can_share_prompt, left_padded_positions
 from medix.models.sharding import gathered_for_generation, is_sharded
 from medix.rollout.base import Rollout, Sampling, completion_mask_from_ids
@@ -13,21 +14,33 @@ from medix.rollout.base import Rollout, Sampling, completion_mask_from_ids
 
 class HFEngine:
     """Samples `group_size` completions per prompt with one batched `generate` call on the policy itself, so there
-    is nothing to sync. share_prompt_cache: each distinct prompt is prefilled once and its KV cache copied to the
-    group's rows (text-only decoder models with the default dynamic cache)."""
+    is nothing to sync, and nothing to sample ahead with (`max_staleness` 0 only). share_prompt_cache: each distinct
+    prompt is prefilled once and its KV cache copied to the group's rows (text-only decoder models with the default
+    dynamic cache)."""
 
-    def __init__(self, share_prompt_cache: bool = True, cache_implementation: str | None = None):
+    def __init__(self, share_prompt_cache: bool = True, cache_implementation: str | None = None,
+                 max_staleness: int = 0):
+        if max_staleness != 0:
+            raise ConfigError(f"rollout.max_staleness={max_staleness!r} with rollout=hf: HF generate samples from the "
+                              "trainer's own model, so it cannot sample ahead while it trains; use rollout=vllm for "
+                              "asynchronous rollouts, or rollout.max_staleness=0")
         self.share_prompt_cache = share_prompt_cache
         self.cache_implementation = cache_implementation
+        self.max_staleness = max_staleness
 
     @torch.no_grad()
     def generate(self, policy, prompts: list[str], images: list[list] | None = None, *, group_size: int,
-                 sampling: Sampling) -> Rollout:
+                 sampling: Sampling, seed: int | None = None) -> Rollout:
         model = policy.model
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
+        devices = [device] if seed is not None and device.type == "cuda" else []
         try:
-            return self._generate(policy, prompts, images, group_size, sampling)
+            with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # a seed leaves the run's RNG be
+                if seed is not None:
+                    torch.manual_seed(seed)
+                return self._generate(policy, prompts, images, group_size, sampling)
         finally:
             model.train(was_training)  # also when generate fails (the next step trains in the right mode)
 

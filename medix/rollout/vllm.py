@@ -3,12 +3,15 @@ on each machine, or one you run yourself (`rollout.base_url`, like `trl vllm-ser
 their images (a vision-language policy), on the server's token route. After every GRPO step `sync` puts the current
 policy into it: the LoRA adapter (not a merged model) under one name, in place, or the full weights reloaded from a
 saved folder; under FSDP2 every rank first takes part in gathering them from the shards. Every rollout carries the
-server's sampling log-probs, so the trainer can measure (and correct) how far they are from its own."""
+server's sampling log-probs and the policy version it sampled with, so the trainer can measure (and correct) how far
+they are from its own. A lock keeps a sync from swapping the weights inside a request: with `max_staleness` >= 1 the
+module's producer thread samples ahead while the trainer updates, and each sync waits for the request in flight."""
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -27,11 +30,15 @@ class VLLMEngine:
     """Samples G completions per prompt in one request (`n=G`) each, with their token ids and log-probs. Each
     machine's first rank starts (and syncs) that machine's server, which all its ranks sample from; with
     `base_url`, global rank 0 syncs the one server every rank samples from. `placeholder_logit_bias` is added to the
-    logits of a vision-language policy's image/video placeholder tokens, so the engine never samples one."""
+    logits of a vision-language policy's image/video placeholder tokens, so the engine never samples one.
+    `max_staleness`: how many policy versions a sample may lag the trainer's (0: the synchronous step; >= 1: the
+    module samples and scores ahead of the trainer, `medix.grpo.producer`)."""
 
     def __init__(self, *, base_url: str | None = None, model_name: str = "policy", adapter_name: str = "medix-policy",
                  sync_dir: str, server: dict | None = None, client: dict | None = None, max_restarts: int = 2,
-                 placeholder_logit_bias: float = -100.0):
+                 placeholder_logit_bias: float = -100.0, max_staleness: int = 0):
+        if not isinstance(max_staleness, int) or isinstance(max_staleness, bool) or max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness={max_staleness!r}; expected an integer >= 0 (0 = synchronous)")
         self.base_url = base_url
         self.model_name = model_name
         self.adapter_name = adapter_name
@@ -46,6 +53,8 @@ class VLLMEngine:
         self.leader = 0  # the global rank that starts and syncs the server this rank samples from
         self.version = 0  # the policy version the server holds: 0 = the weights training starts from
         self.restarts = 0
+        self.max_staleness = max_staleness
+        self.lock = threading.RLock()  # one request or one sync at a time: weights never change inside a request
 
     @property
     def owns_server(self) -> bool:
@@ -107,7 +116,7 @@ class VLLMEngine:
 
     # ---- rollouts ----------------------------------------------------------------------------------------------
     def generate(self, policy, prompts: list[str], images: list[list] | None = None, *, group_size: int,
-                 sampling: Sampling) -> Rollout:
+                 sampling: Sampling, seed: int | None = None) -> Rollout:
         self.start(policy)
         images = images if images is not None and any(images) else None
         enc = policy.encode(prompts, images)
@@ -115,14 +124,17 @@ class VLLMEngine:
         # One placeholder per image, as the chat text has it: vLLM expands each to its image's size (it would expand
         # the processor's already expanded runs again), and the prompt it runs must be the one the trainer scores.
         sent = [one_placeholder_per_image(ids, policy.placeholder_token_ids) for ids in token_lists]
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the torch RNG, so a resumed run samples the same
-        try:
-            completions = self.sample(policy, sent, images, group_size, sampling, seed)
-        except VLLMError as error:
-            if not self.owns_server:
-                raise
-            self.restart(policy, error)
-            completions = self.sample(policy, sent, images, group_size, sampling, seed)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the torch RNG, so a resumed run samples the same
+        with self.lock:  # a sync waits until this request is done: one policy version per request
+            version = self.version
+            try:
+                completions = self.sample(policy, sent, images, group_size, sampling, seed)
+            except VLLMError as error:
+                if not self.owns_server:
+                    raise
+                self.restart(policy, error)  # the restarted server holds the last sync's weights: still `version`
+                completions = self.sample(policy, sent, images, group_size, sampling, seed)
         for i, (scored, group) in enumerate(zip(token_lists, completions)):
             served = group[0].prompt_token_ids if group else None
             if served is not None and served != scored:  # the engine sampled for another prompt than is scored
@@ -153,7 +165,7 @@ class VLLMEngine:
             sequence_inputs={k: F.pad(v.repeat_interleave(group_size, dim=0), (0, T)).to(device)
                              for k, v in enc.sequence_inputs.items()},
             row_images=None if enc.row_images is None else [r for r in enc.row_images for _ in range(group_size)],
-            engine_logprobs=(logprobs * completion_mask).to(device),
+            engine_logprobs=(logprobs * completion_mask).to(device), policy_version=version,
         )
 
     def sample(self, policy, token_lists, images, group_size: int, sampling: Sampling, seed: int):
@@ -172,23 +184,26 @@ class VLLMEngine:
     def sync(self, policy, step: int | None = None) -> dict[str, float]:
         """Put the policy's current weights into the server. Every rank calls it: under FSDP2 each takes part in
         gathering the weights, which global rank 0 writes; then each server's rank loads them. `step`: the version
-        the server holds already (a start); None: the policy moved, a new version."""
+        the server holds already (a start); None: the policy moved, a new version. Waits for a request in flight
+        (`rollout/sync_wait_s`), so the weights change between requests, never inside one."""
         if self.client is None:
             return {}
         started = time.perf_counter()
-        self.version = self.version + 1 if step is None else step
-        if self.lora:
-            self.write_adapter(policy)
-        elif step is None:  # a start wrote the weights it serves already
-            self.write_weights(policy)
-        if self.owns_server:
-            try:
-                self.load(served=step is not None)
-            except VLLMError as error:  # a server this rank started died: restart it (which loads the policy)
-                self.restart(policy, error)
-        barrier()
-        return {"rollout/sync_s": time.perf_counter() - started, "rollout/policy_version": float(self.version),
-                "rollout/server_restarts": float(self.restarts)}
+        with self.lock:
+            waited = time.perf_counter() - started
+            self.version = self.version + 1 if step is None else step
+            if self.lora:
+                self.write_adapter(policy)
+            elif step is None:  # a start wrote the weights it serves already
+                self.write_weights(policy)
+            if self.owns_server:
+                try:
+                    self.load(served=step is not None)
+                except VLLMError as error:  # a server this rank started died: restart it (which loads the policy)
+                    self.restart(policy, error)
+            barrier()
+        return {"rollout/sync_s": time.perf_counter() - started, "rollout/sync_wait_s": waited,
+                "rollout/policy_version": float(self.version), "rollout/server_restarts": float(self.restarts)}
 
     def write_adapter(self, policy) -> Path:
         """The LoRA adapter, gathered from the shards under FSDP2 (every rank), written by global rank 0."""
@@ -224,6 +239,10 @@ class VLLMEngine:
         self.client.set_weight_version(str(self.version))
 
     def close(self) -> None:
+        with self.lock:  # after the request in flight, if any
+            self._close()
+
+    def _close(self) -> None:
         if self.client is not None:
             self.client.close()
             self.client = None

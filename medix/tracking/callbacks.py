@@ -117,18 +117,21 @@ class JudgeStats(Callback):
 
 
 class RunSummary(Callback):
-    """At the end (rank 0): where the run folder, the trained policy and the MLflow run are, and the first and last
-    value of each reward component."""
+    """At the end (rank 0): where the run folder, the trained policy and the MLflow run are, the first and last
+    value of each reward component, and with asynchronous rollouts how much they overlapped (this rank's)."""
 
     def __init__(self):
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
+        self.lag: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         means = {k: v for k, v in outputs["metrics"].items() if k.startswith("reward/") and k.endswith("/mean")}
         for key, value in means.items():
             self.first.setdefault(key, value)
         self.last.update(means)
+        if outputs.get("async"):
+            self.lag.append(outputs["async"])
 
     def on_train_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
@@ -148,7 +151,21 @@ class RunSummary(Callback):
         val = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/reward/") and k.endswith("/mean")}
         for key in sorted(val):
             lines.append(f"{key:>28}: {fmt(float(val[key]))}  (last validation)")
+        if self.lag:
+            lines.append(async_line(self.lag))
         log.info("summary after %d GRPO steps:\n  %s", pl_module.grpo_step, "\n  ".join(lines))
+
+
+def async_line(steps: list[dict[str, float]]) -> str:
+    """One line on the asynchronous rollouts of the steps of this run (`GRPOModule.training_step`'s `async`)."""
+    def mean(key):
+        return sum(s[key] for s in steps) / len(steps)
+
+    most = max(s["rollout/staleness/max"] for s in steps)
+    dropped = sum(s["rollout/stale_dropped"] for s in steps)
+    return (f"async rollouts: trainer waited {mean('time/wait_for_rollout_s'):.2f} s/step for them, engine idle "
+            f"{mean('time/engine_idle_s'):.2f} s/step, staleness max {most:.0f}, {dropped:.0f} stale rows dropped "
+            f"({len(steps)} steps)")
 
 
 def fmt(value: float) -> str:
