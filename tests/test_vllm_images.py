@@ -89,14 +89,14 @@ def test_image_prompts_sample_with_the_log_probs_of_the_trainers_forward(qwen_vl
         assert (logprobs() - engine).abs().mean() > 1e-2  # without the token types: 1-D positions, another model
 
 
-def medix_run(repo_root, tmp, url, rows, *overrides) -> tuple[dict[str, list[float]], list[dict]]:
+def medix_run(repo_root, tmp, url, rows, *overrides, backbone="tiny_qwen_vl") -> tuple[dict[str, list[float]], list[dict]]:
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", PYTHONPATH=f"{repo_root}{os.pathsep}{repo_root / 'tests'}")
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", "backbone=tiny_qwen_vl", "rollout=vllm",
+    cmd = [sys.executable, "-m", "medix.run", "experiment=smoke", f"backbone={backbone}", "rollout=vllm",
            f"rollout.base_url={url}", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
            "dataset=jsonl", f"dataset.path={data}", "dataset.min_pixels=3136", "dataset.max_pixels=50176",
            "reward=embed_only", "reward.components.embedding.mode=continuous", "algorithm.optimizer.weight_decay=0",
@@ -131,9 +131,11 @@ def vqa_rad_rows(shared_benchmarks) -> list[dict]:
 def test_fsdp_lora_samples_in_sync_after_each_sync_and_a_skipped_sync_shows(repo_root, tmp_path, server, vqa_rad_rows):
     """Two ranks, LoRA on the language model: each sync gathers the adapter from the shards and loads it in place.
     The sync that ends step 2 is skipped (the server keeps the step-1 adapter): step 3 samples from a stale policy."""
-    history, probes = medix_run(repo_root, tmp_path, server.base_url, vqa_rad_rows, "backbone.lora={r: 16, lora_alpha: 32}",
-                                "backbone.train_vision_tower=false", "algorithm.optimizer.lr=1e-3", "trainer.max_steps=3",
-                                "+callbacks.skip._target_=run_probes.SkipSync", "+callbacks.skip.step=2")
+    history, probes = medix_run(repo_root, tmp_path, server.base_url, vqa_rad_rows, "backbone.lora.r=16",
+                                "backbone.lora.lora_alpha=32",
+                                "algorithm.optimizer.lr=1e-3", "trainer.max_steps=3",
+                                "+callbacks.skip._target_=run_probes.SkipSync", "+callbacks.skip.step=2",
+                                backbone="tiny_qwen_vl_lora")
     diffs = history["rollout/logprob_diff/mean"]
     assert len(diffs) == 3 and max(diffs[:2]) <= 0.01, diffs
     assert diffs[2] > 10 * max(max(diffs[:2]), 1e-4), diffs
