@@ -5,8 +5,10 @@ distributed variables of an enclosing launcher (a DDP/FSDP run must start its ow
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,3 +30,25 @@ def run_medix(*args: str, cwd: Path, entry: str = "medix.run", env: dict[str, st
     timed-out multi-process run can be killed whole by the caller."""
     return subprocess.run([sys.executable, "-m", entry, *args], cwd=cwd, env=env or offline_env(),
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+def sigkill_when(command: list[str], *, cwd: Path, env: dict[str, str], log_path: Path, reached, what: str,
+                 timeout: float = 900) -> None:
+    """Start `command` (output to `log_path`) and SIGKILL it as soon as `reached()` holds; fail with the log's tail
+    if it ends first, or if `what` is not reached within `timeout` seconds."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while not reached():
+                assert proc.poll() is None, (f"the run ended (rc {proc.returncode}) before {what}:\n"
+                                             + log_path.read_text()[-3000:])
+                assert time.monotonic() < deadline, f"{what} not reached after {timeout:.0f} s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -28,7 +28,7 @@ from medix.grpo.module import GRPOModule
 from medix.grpo.producer import RESAMPLED, RolloutProducer, position_seed
 from medix.rewards.composite import RewardBatch
 from medix.rollout.hf import HFEngine
-from medix_cli import offline_env
+from medix_cli import offline_env, sigkill_when
 from sync_golden import ALGORITHMS, GROUP, PROMPTS, SETTINGS, TOKENS, digest
 from tiny_lm import (TargetWordReward, algorithm, memory_logger, one_thread, tiny_backbone, trainer,  # noqa: F401
                      word_samples)
@@ -240,20 +240,8 @@ def test_resume_after_sigkill_trains_every_position_once_from_the_checkpoint(tmp
                 *extra]
 
     env = offline_env(OMP_NUM_THREADS="1")
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(command(), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 900
-            while not any(r["phase"] == "start" and r["step"] == 4 for r in records(tmp_path)):
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    sigkill_when(command(), cwd=tmp_path, env=env, log_path=tmp_path / "killed.log", what="step 3",
+                 reached=lambda: any(r["phase"] == "start" and r["step"] == 4 for r in records(tmp_path)))
     killed = records(tmp_path)
     out = subprocess.run(command(f"resume={tmp_path}/out"), cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=900)

@@ -9,10 +9,8 @@ and step) must redo step 3 to reach the same weights without logging it again, t
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -22,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from medix.config import register_configs
-from medix_cli import offline_env
+from medix_cli import offline_env, sigkill_when
 
 pytestmark = pytest.mark.slow  # real training runs killed and resumed
 
@@ -60,23 +58,8 @@ def records(tmp: Path) -> list[dict]:
 def kill_mid_run(tmp: Path) -> list[dict]:
     """Start the run and SIGKILL it as soon as step KILL_AFTER_STEP + 1 begins (step KILL_AFTER_STEP's metrics and
     sample table written); returns what it recorded."""
-    log_path = tmp / "killed.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command(tmp), cwd=tmp, env=env(), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 900
-            while not any(r["phase"] == "start" and r["step"] == KILL_AFTER_STEP + 1 for r in records(tmp)):
-                assert proc.poll() is None, (f"the run ended (rc {proc.returncode}) before step {KILL_AFTER_STEP}:\n"
-                                             + log_path.read_text()[-3000:])
-                assert time.monotonic() < deadline, f"step {KILL_AFTER_STEP} not reached after 900 s"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(command(tmp), cwd=tmp, env=env(), log_path=tmp / "killed.log", what=f"step {KILL_AFTER_STEP}",
+                 reached=lambda: any(r["phase"] == "start" and r["step"] == KILL_AFTER_STEP + 1 for r in records(tmp)))
     return records(tmp)
 
 
