@@ -3,7 +3,9 @@ every rank as long as the others, DAPO refills from a rank's own shard, and a mi
 
 import random
 
+import lightning as L
 import pytest
+import torch
 from PIL import Image
 
 from medix.data import PromptDataModule, Sample
@@ -37,8 +39,34 @@ def test_the_order_is_seeded_and_changes_with_the_epoch():
     first = ids(loader)
     assert first == ids(module(make_samples(12), batch_size=3, seed=7).train_dataloader())
     assert first != ids(module(make_samples(12), batch_size=3, seed=8).train_dataloader())
-    loader.batch_sampler.set_epoch(1)  # what Lightning calls at each epoch start
+    loader.batch_sampler.set_epoch(1)
     assert ids(loader) != first and sorted(sum(ids(loader), [])) == sorted(sum(first, []))
+
+
+class BatchRecorder(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[list[str]]] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.seen.setdefault(self.current_epoch, []).append([s.id for s in batch.samples])
+        return (self.weight * 0).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_lightning_fit_shuffles_each_epoch_anew_and_the_producer_sees_the_same_order():
+    data = module(make_samples(12), batch_size=3, seed=7)
+    recorder = BatchRecorder()
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, use_distributed_sampler=False).fit(recorder, datamodule=data)
+    epochs = [recorder.seen[e] for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
+    assert all(sorted(sum(e, [])) == sorted(f"s{i}" for i in range(12)) for e in epochs)
+    served = [batch for e in epochs for batch in e]
+    assert [[s.id for s in data.train_batch(p).samples] for p in range(len(served))] == served
 
 
 def test_ranks_get_disjoint_shards_of_equal_length_the_extras_not_counted():

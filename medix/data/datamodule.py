@@ -43,45 +43,58 @@ class PromptBatch:
         return PromptBatch([s for b in batches for s in b.samples], images, [c for b in batches for c in b.counted])
 
 
-class ShardedBatches(Sampler[list[tuple[int, bool]]]):
-    """Batches of (index, counted) over this rank's shard of `n` items: a fresh seeded shuffle each epoch
-    (`set_epoch`, called by Lightning) or the plain order. Every rank gets the same number of items (the order is
-    topped up with its first items, marked not counted), so data-parallel ranks run the same number of steps.
-    `resume(epoch, batches)` makes that epoch's iteration start after its first `batches` batches."""
+class ShardOrder(Sampler[tuple[int, bool]]):
+    """This rank's shard of `n` items as (index, counted): a fresh seeded shuffle each epoch (`set_epoch`) or the
+    plain order. Every rank gets the same number of items (the order is topped up with its first items, marked not
+    counted), so data-parallel ranks run the same number of steps."""
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def resume(self, epoch: int, batches: int) -> None:
-        self._resume = (epoch, batches)
-
-    def shard(self) -> list[tuple[int, bool]]:
+    def __iter__(self):
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(self.n))
         items = [(i, True) for i in order]
-        per_rank = -(-self.n // self.world_size)
-        items += [(i, False) for i, _ in (items * per_rank)[:per_rank * self.world_size - self.n]]
-        return items[self.rank::self.world_size]
+        items += [(i, False) for i, _ in (items * len(self))[:len(self) * self.world_size - self.n]]
+        return iter(items[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+
+class ShardedBatches(Sampler[list[tuple[int, bool]]]):
+    """Batches of `batch_size` over a `ShardOrder` (`.sampler`, as torch's BatchSampler names it: Lightning calls
+    `set_epoch` there at each epoch start). `resume(epoch, batches)` makes that epoch's iteration start after its
+    first `batches` batches."""
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.sampler = ShardOrder(n, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+        self.batch_size = batch_size
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def resume(self, epoch: int, batches: int) -> None:
+        self._resume = (epoch, batches)
 
     def __iter__(self):
-        shard = self.shard()
+        shard = list(self.sampler)
         batches = [shard[i:i + self.batch_size] for i in range(0, len(shard), self.batch_size)]
         skip = 0
-        if self._resume is not None and self._resume[0] == self.epoch:
+        if self._resume is not None and self._resume[0] == self.sampler.epoch:
             skip = self._resume[1]
         self._resume = None
         yield from batches[skip:]
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(self.n / self.world_size) / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
 
 class _Items(torch.utils.data.Dataset):
