@@ -28,10 +28,10 @@ from medix.grpo.module import GRPOModule
 from medix.grpo.producer import RESAMPLED, RolloutProducer, position_seed
 from medix.rewards.composite import RewardBatch
 from medix.rollout.hf import HFEngine
-from medix_cli import offline_env, sigkill_when
+from medix_cli import offline_env, run_medix, sigkill_when
 from sync_golden import ALGORITHMS, GROUP, PROMPTS, SETTINGS, TOKENS, digest
-from tiny_lm import (TargetWordReward, algorithm, memory_logger, one_thread, tiny_backbone, trainer,  # noqa: F401
-                     word_samples)
+from tiny_lm import (TargetWordReward, algorithm, memory_logger, one_thread, save_tiny_model,  # noqa: F401
+                     tiny_backbone, trainer, word_samples)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -258,6 +258,53 @@ def test_resume_after_sigkill_trains_every_position_once_from_the_checkpoint(tmp
     history = client.get_metric_history(run.info.run_id, "rollout/staleness/max")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]  # each step logged once
     assert max(m.value for m in history) <= 1
+
+
+@pytest.mark.slow
+def test_ddp_ranks_each_train_their_own_share_within_the_bound(tmp_path):
+    """trainer=ddp, 2 gloo ranks, each with a producer sampling ahead (max_staleness 1): over two epochs of 8 rows
+    (1 prompt a step on each rank) every rank trains exactly the batches its loader gives it, the ranks' shares are
+    disjoint and cover each epoch, the second epoch's order differs from the first, the bound holds on both ranks,
+    and the ranks end with the same trained weights."""
+    model = save_tiny_model(tmp_path / "tiny_llama")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"Question {i}: what is the diagnosis?",
+                                        "solution": "<X_RAY> Pneumothorax"}) + "\n" for i in range(10)))
+    out = run_medix("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+                    "trainer.max_steps=8", "trainer.val_check_interval=4", "backbone.source=local",
+                    f"backbone.model={model}", "backbone.name=tiny_llama", "backbone.lora.r=4",
+                    "backbone.lora.lora_alpha=8", "dataset=jsonl", f"dataset.path={data}", "dataset.val_size=2",
+                    "reward=embed_only", "reward.components.embedding.mode=continuous", "algorithm.group_size=2",
+                    "algorithm.prompts_per_step=1", "algorithm.sampling.max_new_tokens=8", "algorithm.mini_batch_size=2",
+                    "algorithm.optimizer.lr=0.01", "callbacks.warm_start.steps=0", "callbacks.checkpoint.every_n_steps=0",
+                    "rollout._target_=lagging_engine.LaggingEngine", "rollout.max_staleness=1",
+                    f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                    "+callbacks.record._target_=run_probes.StepRecorder", f"+callbacks.record.dirpath={tmp_path}/record",
+                    f"hydra.run.dir={tmp_path}/hydra", f"paths.output_dir={tmp_path}/out",
+                    cwd=tmp_path, env=offline_env(OMP_NUM_THREADS="1"), timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    trains = []
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (tmp_path / "record" / f"rank{rank}.jsonl").read_text().splitlines()]
+        train = [r for r in rows if r["phase"] == "train"]
+        assert [r["step"] for r in train] == list(range(1, 9))
+        assert all(r["trained_ids"] == r["batch_ids"] for r in train)  # the producer served the loader's batch
+        assert max(r["logged"]["rollout/staleness/max"] for r in train) <= 1
+        assert 1.0 in [r["logged"]["rollout/staleness/max"] for r in train]  # it did sample ahead
+        trains.append(train)
+    epochs = []
+    for first in (0, 4):  # 8 training rows, 1 per rank a step: an epoch is 4 steps
+        shares = [[i for r in train[first:first + 4] for i in r["batch_ids"]] for train in trains]
+        assert not set(shares[0]) & set(shares[1]) and len(set(shares[0]) | set(shares[1])) == 8, shares
+        epochs.append(shares)
+    assert epochs[0] != epochs[1]  # each epoch shuffled anew
+    weights = [torch.load(tmp_path / "record" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert any(not torch.equal(weights[0]["start"][k], weights[0]["end"][k]) for k in weights[0]["end"])
+    assert all(torch.equal(weights[0]["end"][k], weights[1]["end"][k]) for k in weights[0]["end"])
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
 
 
 # ---- a real vLLM server, killed mid-run --------------------------------------------------------------------------
