@@ -320,6 +320,10 @@ class RewardHackingCallback:
     window: int = 10
     jump: float = 0.2
     stall: float = 0.02
+    # the format reward's mean over the last `window` steps falls below (1 - format_drop) x its peak; null = off
+    format_drop: Optional[float] = 0.5
+    # reward/guarded_share averaged over the last `window` steps reaches this; null = off
+    max_guarded_share: Optional[float] = 0.3
 
 
 @dataclass
