@@ -163,12 +163,11 @@ class CompositeReward:
     def judged_unguarded(component, guarded, completions, solutions, columns) -> list[float | None]:
         """0.0 for every guarded row; the component called on the other rows only."""
         rows = [i for i, reason in enumerate(guarded) if reason is None]
-        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
         out: list[float | None] = [0.0] * len(completions)
         if rows:
-            picked = {key: pick(values) for key, values in columns.items()}
-            values = checked(GUARDED_COMPONENT, component(pick(completions), pick(solutions), **picked), len(rows))
-            for i, value in zip(rows, values):
+            picked = {key: None if values is None else [values[i] for i in rows] for key, values in columns.items()}
+            values = component([completions[i] for i in rows], [solutions[i] for i in rows], **picked)
+            for i, value in zip(rows, checked(GUARDED_COMPONENT, values, len(rows))):
                 out[i] = value
         return out
 
