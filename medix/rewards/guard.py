@@ -55,8 +55,8 @@ def tag_share(answer: str) -> float:
     if not visible:
         return 0.0
     tagged = sum(len(re.sub(r"\s", "", t)) for t in _TAG.findall(answer))
-    stray = _TAG.sub("", answer).count("<") + _TAG.sub("", answer).count(">")
-    return (tagged + stray) / len(visible)
+    rest = _TAG.sub("", answer)
+    return (tagged + rest.count("<") + rest.count(">")) / len(visible)
 
 
 def longest_repeat(text: str, max_n: int = 3) -> int:
