@@ -78,11 +78,32 @@ class TinyVLMBackbone(CausalLMBackbone):
 
 # ---- reward, embedder -------------------------------------------------------------------------------------------
 @dataclass
+class DegenerateGuardConfig:
+    """medix.rewards.guard: answers that score 0 on llm_judge without a judge call (counted in reward/guarded_share):
+    truncated at the token cap without <answer>…</answer>, empty or form-only, tag soup, a repeated token or n-gram,
+    an echo of the question or of a multiple-choice question's options. The paper's own guard (empty, one
+    character, `__`, `:`, `?`) always applies."""
+
+    enabled: bool = True  # false: the paper's guard only (the paper presets)
+    tag_share: float = 0.5  # tag soup: this share of the answer's non-space characters is <...> tags or stray < >
+    max_repeats: int = 5  # repetition: a token or an n-gram of up to 3 tokens this many times in a row
+    option_share: float = 0.5  # option echo: names >= 2 and at least this share of the question's options
+    echo_share: float = 0.6  # question echo: repeats this share of the question's word 3-grams, adding no word
+
+
+@dataclass
 class RewardConfig:
     _target_: str = "medix.rewards.composite.CompositeReward"
     _recursive_: bool = False  # only the components with a positive weight are built (no judge for embed_only)
     weights: dict[str, float] = field(default_factory=dict)
     components: dict[str, Any] = field(default_factory=dict)
+    # medix | paper. paper: MediX-R1's medical.py exactly, whatever the judge config says: no degenerate guard, the
+    # judge asked with medical.py's prompt on the raw answer (no delimiters, cleaning or cut), 4 tokens, 1 iff "YES"
+    # is in the reply, a failed judge call 0. medix: the guard below, and the judge as conf/judge configures it
+    # (delimited and cleaned prediction, judge.max_prediction_chars, judge.parser / judge.scoring, judge.on_failure).
+    semantics: str = "medix"
+    guard: DegenerateGuardConfig = field(default_factory=DegenerateGuardConfig)
+    reasoning_tag: str = "${reasoning_tag}"  # the guard reads a cut-off completion by its open tags
 
 
 @dataclass
@@ -299,6 +320,10 @@ class RewardHackingCallback:
     window: int = 10
     jump: float = 0.2
     stall: float = 0.02
+    # the format reward's mean over the last `window` steps falls below (1 - format_drop) x its peak; null = off
+    format_drop: Optional[float] = 0.5
+    # reward/guarded_share averaged over the last `window` steps reaches this; null = off
+    max_guarded_share: Optional[float] = 0.3
 
 
 @dataclass

@@ -67,14 +67,17 @@ def columns_of(rows: list[dict]) -> dict[str, list]:
 
 
 def score_rows(rows: list[dict], reward) -> tuple[list[dict], dict[str, float]]:
-    """One output record per row, in order (id, every component and overall; None where not scored), and the
-    mean of each."""
+    """One output record per row, in order (id, every component and overall; None where not scored; with the
+    degenerate guard, `guarded`: its reason or None), and the mean of each (and reward/guarded_share)."""
     from medix.rewards.statistics import reward_metrics
 
     batch = reward([r["completion"] for r in rows], [r["solution"] for r in rows], **columns_of(rows))
     records = [{"id": row["id"], **{c: batch.components[c][i] for c in batch.components}, "overall": batch.overall[i]}
                for i, row in enumerate(rows)]
-    return records, {k: v for k, v in reward_metrics(batch).items() if k.endswith("/mean")}
+    if batch.guarded is not None:
+        for record, reason in zip(records, batch.guarded):
+            record["guarded"] = reason
+    return records, {k: v for k, v in reward_metrics(batch).items() if k.endswith("/mean") or k.endswith("_share")}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

@@ -93,3 +93,55 @@ def test_judge_prompts_carry_question_reference_prediction_and_the_right_scale()
     rubric = judge_prompt("rubric", "Summarise.", "No acute findings.", "Normal chest.")
     assert "between 0 and 5" in rubric and "### Reference Report or Summary:\nNo acute findings." in rubric
     assert rubric.endswith("### AI-Generated Report or Summary:\nNormal chest.")
+
+
+CHOICES = ("Aspirin", "Insulin", "Heparin", "Warfarin")
+
+
+@pytest.mark.parametrize("prediction, several", [
+    ("<thinking>r</thinking> A. Aspirin", False),
+    ("<thinking>r</thinking><answer>B</answer>", False),
+    ("<thinking>It could be aspirin or insulin.</thinking> A", False),  # the reasoning may weigh options
+    ("Aspirin", False),
+    ("<thinking>r</thinking> A, B, C or D", True),
+    ("<thinking>r</thinking><answer>Aspirin, insulin, heparin, warfarin</answer>", True),
+    ("A. Aspirin or C. Heparin", True),
+])
+def test_a_multiple_choice_answer_naming_several_options_is_caught(prediction, several):
+    from medix.eval.judge_protocol import names_several_options
+
+    assert names_several_options(prediction, CHOICES, "thinking") is several
+    assert names_several_options(prediction, None, "thinking") is False  # not a multiple-choice item
+
+
+def test_an_option_list_scores_zero_without_a_judge_call_and_is_counted(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from medix.eval.items import to_item
+    from medix.eval.judging import Verdict
+    from medix.eval.results import TaskResults, summary_metrics
+    from medix.eval.runner import LoadedTask, evaluate_task
+
+    class YesJudge:
+        reasoning_tag = "thinking"
+        asked: list[str] = []
+
+        async def judge(self, scoring, question, reference, prediction):
+            self.asked.append(prediction)
+            return Verdict([1.0], ["YES"], 0, 0, 1.0)  # a judge that says YES to anything
+
+    class Generator:
+        def generate(self, items):
+            return {"mcq": ["A, B, C or D"], "open": ["Pancreas"]}[items[0].id]
+
+    items = [to_item({"id": "mcq", "question": "Which is an NSAID?", "choices": list(CHOICES), "answer": "Aspirin",
+                      "answer_label": "A"}, "t"),
+             to_item({"id": "open", "question": "Which organ makes insulin?", "answer": "pancreas"}, "t")]
+    task = LoadedTask(SimpleNamespace(name="t", scoring="binary"), items, "text", TaskResults(tmp_path, "t"))
+    judge = YesJudge()
+    asyncio.run(evaluate_task(task, Generator(), judge, batch_size=1))
+    assert judge.asked == ["Pancreas"]
+    assert task.store.items["mcq"]["score"] == 0.0 and task.store.items["mcq"]["option_echo"] is True
+    metrics = summary_metrics({"t": list(task.store.items.values())}, {"t": "text"})
+    assert metrics["eval/t/option_echoes"] == 1.0 and metrics["eval/t/accuracy"] == 0.5

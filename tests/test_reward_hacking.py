@@ -106,3 +106,81 @@ def test_errors():
     monitor.update(5, {"format": 0.1})
     with pytest.raises(ValueError, match="step must increase: got 5 after 5"):
         monitor.update(5, {"format": 0.1})
+
+
+# The composite run of experiments/reward_ablation/README.md (2026-12-02, 16 steps, the monitor over 6-step
+# windows): format 0.375 at step 1 and 0 from step 3 (step 2 is not in the README; 0.125 here), the training judge
+# 0.125 -> 0.625, the degenerate share 0.53 over steps 1-8 and 0.62 over steps 9-16 (used here as
+# reward/guarded_share), while the composite validation fell 0.206 -> 0.102. Embedding and modality are not in the
+# README; flat here.
+COLLAPSE = {step: {"format": 0.375 if step == 1 else 0.125 if step == 2 else 0.0,
+                   "llm_judge": 0.125 + 0.5 * (step - 1) / 15,
+                   "embedding": 0.3, "modality": 0.5,
+                   "guarded_share": 0.53 if step <= 8 else 0.62} for step in range(1, 17)}
+
+
+def study_monitor(**overrides):
+    from medix.config import RewardHackingCallback
+
+    defaults = RewardHackingCallback()  # the thresholds a run gets
+    settings = {"window": 6, "jump": defaults.jump, "stall": defaults.stall, "format_drop": defaults.format_drop,
+                "max_guarded_share": defaults.max_guarded_share, **overrides}
+    return RewardHackingMonitor(**settings)
+
+
+def replay(monitor, series):
+    alerts = []
+    for step, row in series.items():
+        means = {k: v for k, v in row.items() if k != "guarded_share"}
+        alerts += monitor.update(step, means, row.get("guarded_share"))
+    return alerts
+
+
+def test_the_recorded_collapse_raises_the_format_and_degenerate_alerts_early():
+    alerts = replay(study_monitor(), COLLAPSE)
+    by_kind = {a.component: a for a in alerts}
+    # format: the mean of steps 1-3 is 0.167 < 0.5 x 0.375; the degenerate share needs a full 6-step window
+    assert by_kind["format_collapse"].step == 3 and "format reward collapse at step 3" in \
+        by_kind["format_collapse"].message
+    assert by_kind["guarded_share"].step == 6 and by_kind["guarded_share"].delta == pytest.approx(0.53)
+    assert [a.component for a in alerts].count("format_collapse") == 1  # once while the collapse lasts
+
+
+def test_a_healthy_run_and_a_run_without_guard_raise_neither():
+    rng = random.Random(1)
+    healthy = {step: {"format": 0.75 + rng.uniform(-0.25, 0.25), "llm_judge": 0.4 + rng.uniform(-0.1, 0.1),
+                      "guarded_share": rng.uniform(0.0, 0.2)} for step in range(1, 41)}
+    assert replay(study_monitor(), healthy) == []
+    no_guard = {step: {k: v for k, v in row.items() if k != "guarded_share"} for step, row in COLLAPSE.items()}
+    assert [a.component for a in replay(study_monitor(format_drop=None), no_guard)] == []
+
+
+def test_format_and_guard_thresholds_are_checked():
+    with pytest.raises(ValueError, match="format_drop"):
+        RewardHackingMonitor(format_drop=1.5)
+    with pytest.raises(ValueError, match="max_guarded_share"):
+        RewardHackingMonitor(max_guarded_share=0.0)
+
+
+def test_the_callback_feeds_the_logged_guarded_share_and_format_and_keeps_them_over_a_resume(caplog):
+    from types import SimpleNamespace
+
+    from medix.tracking.callbacks import RewardHackingAlerts
+
+    def feed(callback, steps):
+        for step in steps:
+            row = COLLAPSE[step]
+            metrics = {"reward/overall/mean": 0.3, "reward/guarded_share": row["guarded_share"],
+                       **{f"reward/{k}/mean": v for k, v in row.items() if k != "guarded_share"}}
+            callback.on_train_batch_end(SimpleNamespace(logger=None), SimpleNamespace(grpo_step=step),
+                                        {"metrics": metrics}, None, 0)
+
+    first = RewardHackingAlerts(window=6, format_drop=0.5, max_guarded_share=0.3)
+    feed(first, range(1, 3))
+    resumed = RewardHackingAlerts(window=6, format_drop=0.5, max_guarded_share=0.3)
+    resumed.load_state_dict(first.state_dict())
+    feed(resumed, range(3, 7))
+    warnings = [r.getMessage() for r in caplog.records if "reward hacking?" in r.getMessage()]
+    # the peak of steps 1-2 (0.375) survived the resume: the collapse is seen at step 3, the degenerate share at 6
+    assert any("format reward collapse at step 3" in w and "peak 0.375" in w for w in warnings)
+    assert any("degenerate answers at step 6" in w for w in warnings)

@@ -83,8 +83,10 @@ def test_score_end_to_end_calls_the_judge_only_for_valid_non_identical_answers_a
     assert by_id["case"]["embedding"] == 1.0  # MiniLM: case-only difference is far above 0.8
     assert [r["format"] for r in out] == [1.0] * 6 + [0.0]
     assert [r["modality"] for r in out] == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert [r["guarded"] for r in out] == [None, None, None, "empty", None, None, None]  # the degenerate guard
+    assert re.search(r"reward/guarded_share: 0.1429\b", first.stdout)
     for r in out:
-        assert set(r) == {"id", "llm_judge", "embedding", "modality", "format", "overall"}
+        assert set(r) == {"id", "llm_judge", "embedding", "modality", "format", "overall", "guarded"}
         assert r["overall"] == pytest.approx(sum(w * r[c] for c, w in PAPER.items()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.jsonl", "cache", "in.jsonl", "out.jsonl"]
 

@@ -23,6 +23,7 @@ class BenchmarkItem:
     reference: str
     image: Any = None  # a file path, a PIL image, or None
     modality: str | None = None
+    choices: tuple[str, ...] | None = None  # a multiple-choice item's options, in letter order
 
 
 def question_text(record: dict) -> str:
@@ -55,6 +56,7 @@ def to_item(record: dict, task: str) -> BenchmarkItem:
         reference=reference_text(record),
         image=record.get("image"),
         modality=record.get("modality"),
+        choices=tuple(record["choices"]) if record.get("choices") else None,
     )
 
 

@@ -94,6 +94,16 @@ def judged_answer(prediction: str, reasoning_tag: str, max_chars: int | None = N
     return clean_prediction(strip_reasoning(prediction, reasoning_tag), max_chars)
 
 
+def names_several_options(prediction: str, choices: tuple[str, ...] | list[str] | None, reasoning_tag: str) -> bool:
+    """A multiple-choice prediction that names two or more of the item's options (by letter or text): not correct,
+    whatever the judge says (`medix.rewards.guard.options_named` reads the answer after the reasoning)."""
+    from medix.rewards.guard import options_named
+    from medix.rewards.parsing import extract_answer
+
+    return bool(choices) and len(options_named(extract_answer(strip_reasoning(prediction, reasoning_tag)),
+                                               list(choices))) >= 2
+
+
 def judge_prompt(scoring: str, question: str, reference: str, prediction: str, suffix: str = "") -> str:
     """The first user message of the judge conversation for a `binary` or `rubric` task."""
     template = RUBRIC_PROMPT if scoring == "rubric" else BINARY_PROMPT

@@ -69,7 +69,8 @@ def macro_average(values: list[float]) -> float | None:
 
 
 def summary_metrics(task_rows: dict[str, list[dict]], modalities: dict[str, str]) -> dict[str, float]:
-    """`eval/<task>/accuracy|items|parse_failures`, and macro averages `eval/overall|text|vision` over tasks."""
+    """`eval/<task>/accuracy|items|parse_failures|option_echoes` (multiple-choice answers naming several options,
+    scored 0), and macro averages `eval/overall|text|vision` over tasks."""
     metrics: dict[str, float] = {}
     accuracy: dict[str, float] = {}
     for task, rows in task_rows.items():
@@ -77,6 +78,7 @@ def summary_metrics(task_rows: dict[str, list[dict]], modalities: dict[str, str]
         metrics[f"eval/{task}/accuracy"] = accuracy[task]
         metrics[f"eval/{task}/items"] = float(len(rows))
         metrics[f"eval/{task}/parse_failures"] = float(sum(int(r.get("parse_failures", 0)) for r in rows))
+        metrics[f"eval/{task}/option_echoes"] = float(sum(bool(r.get("option_echo")) for r in rows))
     for name, tasks in (("overall", list(accuracy)),
                         ("text", [t for t in accuracy if modalities[t] == "text"]),
                         ("vision", [t for t in accuracy if modalities[t] == "vision"])):

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from medix.errors import ConfigError, MedixError
 from medix.eval.items import BenchmarkItem
+from medix.eval.judge_protocol import names_several_options
 from medix.eval.judging import ConversationJudge, ProtocolSettings, RuleVerdicts
 from medix.eval.results import TaskResults, results_markdown, summary_metrics
 from medix.eval.tasks import TaskSpec, load_task, task_specs
@@ -111,10 +112,16 @@ def first_medix_error(group: BaseExceptionGroup) -> BaseException:
 
 async def evaluate_task(task: LoadedTask, generator, judge, batch_size: int) -> None:
     """Generate missing predictions chunk by chunk while earlier chunks are judged; append each result at once. An
-    item whose judge request failed (judge.on_failure=exclude) is not saved, so a rerun judges it."""
+    item whose judge request failed (judge.on_failure=exclude) is not saved, so a rerun judges it. A multiple-choice
+    prediction that names several options scores 0 without a judge call (`option_echo` in its row)."""
     store = task.store
 
     async def judge_one(item: BenchmarkItem, prediction: str) -> None:
+        if names_several_options(prediction, item.choices, judge.reasoning_tag):
+            store.add_item({"id": item.id, "question": item.question, "reference": item.reference,
+                            "prediction": prediction, "round_scores": [], "replies": [], "score": 0.0,
+                            "parse_failures": 0, "unparsed_replies": 0, "option_echo": True})
+            return
         verdict = await judge.judge(task.spec.scoring, item.question, item.reference, prediction)
         if verdict is None:
             return

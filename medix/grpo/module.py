@@ -223,7 +223,7 @@ class GRPOModule(L.LightningModule):
         sampled = time.perf_counter()
         each = [s for s in batch.samples for _ in range(G)]
         scores = self.reward(rollout.texts, [s.solution for s in each], questions=[s.problem for s in each],
-                             ids=[s.id for s in each])
+                             ids=[s.id for s in each], truncated=rollout.truncated.tolist())
         return Scored(batch, rollout, scores, G, timings={"rollout": sampled - started,
                                                           "reward": time.perf_counter() - sampled})
 
@@ -266,8 +266,8 @@ class GRPOModule(L.LightningModule):
 
         def judged() -> RewardBatch:
             started = time.perf_counter()
-            scores = reward_fn(rollout.texts, [s.solution for s in each],
-                               questions=[s.problem for s in each], ids=[s.id for s in each])
+            scores = reward_fn(rollout.texts, [s.solution for s in each], questions=[s.problem for s in each],
+                               ids=[s.id for s in each], truncated=rollout.truncated.tolist())
             self.timings["reward"] = self.timings.get("reward", 0.0) + time.perf_counter() - started
             return scores
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from medix.data.tags import split_solution
 from medix.errors import ConfigError, DataError
-from medix.rewards.parsing import extract_answer, normalize_completion
+from medix.rewards.parsing import extract_answer, normalize_completion, reference_parts
 
 INVALID_ANSWER_MARKERS = ("__", ":", "?")
 
@@ -35,7 +35,8 @@ def format_reward(completion: str, reasoning_tag: str = "thinking") -> float:
 
 
 def modality_reward(completion: str, solution_tag: str, reasoning_tag: str = "thinking") -> float:
-    """1.0 iff the text before the first `<tag>`, stripped, equals `solution_tag` ignoring case."""
+    """1.0 iff the text before the first `<tag>`, stripped, equals `solution_tag` (as `reference_parts` reads it)
+    ignoring case."""
     _format_pattern(reasoning_tag)  # checks the tag name
     normalized = normalize_completion(completion)
     start = normalized.find(f"<{reasoning_tag}>")
@@ -53,7 +54,8 @@ def format_rewards(completions: list[str], solutions: list[str], *, reasoning_ta
 def modality_rewards(completions: list[str], solutions: list[str], *, reasoning_tag: str = "thinking",
                      **columns) -> list[float]:
     """The modality component: does each completion open with its solution's modality tag?"""
-    return [modality_reward(c, tag, reasoning_tag) for c, (tag, _) in zip(completions, split_solutions(solutions))]
+    split_solutions(solutions)  # a solution without a known "<TAG> " prefix is a DataError naming the row
+    return [modality_reward(c, reference_parts(s)[0], reasoning_tag) for c, s in zip(completions, solutions)]
 
 
 def split_solutions(solutions: list[str]) -> list[tuple[str, str]]:
@@ -84,7 +86,8 @@ def answer_shortcut(prediction: str, reference: str) -> float | None:
 def answers_to_score(completions: list[str], solutions: list[str]):
     """For the model-scored components: (predicted answers, reference answers, scores decided without a model,
     the rows that still need the model)."""
+    split_solutions(solutions)
     predictions = [extract_answer(c) for c in completions]
-    references = [answer for _, answer in split_solutions(solutions)]
+    references = [reference_parts(s)[1] for s in solutions]
     shortcuts = [answer_shortcut(p, r) for p, r in zip(predictions, references)]
     return predictions, references, shortcuts, [i for i, s in enumerate(shortcuts) if s is None]

@@ -6,26 +6,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from medix.config import DegenerateGuardConfig
 from medix.errors import ConfigError, DataError
 from medix.rewards.components import split_solutions
+from medix.rewards.guard import degenerate_reason
 
 PAPER_COMPONENTS = ("llm_judge", "embedding", "modality", "format")
+SEMANTICS = ("medix", "paper")
+GUARDED_COMPONENT = "llm_judge"  # the component the degenerate guard gives 0 without a call
 
 
 @dataclass
 class RewardBatch:
-    """Per-completion component scores (None = not scored) and the weighted overall (None = excluded)."""
+    """Per-completion component scores (None = not scored), the weighted overall (None = excluded) and, where the
+    degenerate guard ran, why each completion was guarded (None = not guarded)."""
 
     components: dict[str, list[float | None]]
     overall: list[float | None]
+    guarded: list[str | None] | None = None
 
     def select(self, rows: list[int]) -> "RewardBatch":
-        return RewardBatch({k: [v[i] for i in rows] for k, v in self.components.items()}, [self.overall[i] for i in rows])
+        return RewardBatch({k: [v[i] for i in rows] for k, v in self.components.items()},
+                           [self.overall[i] for i in rows],
+                           None if self.guarded is None else [self.guarded[i] for i in rows])
 
     @staticmethod
     def concat(batches: list["RewardBatch"]) -> "RewardBatch":
+        guarded = None if any(b.guarded is None for b in batches) else [x for b in batches for x in b.guarded]
         return RewardBatch({k: [x for b in batches for x in b.components[k]] for k in batches[0].components},
-                           [x for b in batches for x in b.overall])
+                           [x for b in batches for x in b.overall], guarded)
 
 
 def weighted_overall(scores: dict[str, float | None], weights: dict[str, float]) -> float | None:
@@ -62,6 +71,20 @@ def validate_weights(weights, components) -> dict[str, float]:
     return out
 
 
+def guard_settings(guard) -> DegenerateGuardConfig | None:
+    """`reward.guard` as its schema dataclass (None or enabled=false: no guard); ConfigError naming a bad value."""
+    if guard is None:
+        return None
+    settings = guard if isinstance(guard, DegenerateGuardConfig) else DegenerateGuardConfig(**dict(guard))
+    checks = {"tag_share": 0 < settings.tag_share <= 1, "max_repeats": settings.max_repeats >= 2,
+              "option_share": 0 < settings.option_share <= 1, "echo_share": 0 < settings.echo_share <= 1}
+    for key, ok in checks.items():
+        if not ok:
+            expected = "an integer >= 2" if key == "max_repeats" else "a share in (0, 1]"
+            raise ConfigError(f"reward.guard.{key}={getattr(settings, key)!r}; expected {expected}")
+    return settings if settings.enabled else None
+
+
 def build_component(name: str, cfg):
     """`reward.components.<name>`: a class is instantiated with the other keys; a function is the component itself,
     its other keys bound as keyword arguments. A bad target or argument is a ConfigError naming it."""
@@ -91,11 +114,17 @@ def build_component(name: str, cfg):
 
 class CompositeReward:
     """Scores a batch of completions against `"<TAG> answer"` solutions with every component whose weight is > 0
-    (a component with weight 0 is never built: embed_only starts no judge), and weights them into `overall`."""
+    (a component with weight 0 is never built: embed_only starts no judge), and weights them into `overall`. With
+    the degenerate guard (reward.guard), a guarded completion scores 0 on llm_judge without a judge call."""
 
-    def __init__(self, weights, components):
+    def __init__(self, weights, components, semantics: str = "medix", guard=None, reasoning_tag: str = "thinking"):
         """`components`: by name, the config (`_target_` + arguments) of each component, or (from Python) the
-        callable itself."""
+        callable itself. `semantics`, `guard`: see medix.config.RewardConfig (None = no degenerate guard)."""
+        if semantics not in SEMANTICS:
+            raise ConfigError(f"reward.semantics={semantics!r}; expected one of {', '.join(SEMANTICS)}")
+        self.semantics = semantics
+        self.guard = guard_settings(guard) if semantics == "medix" else None
+        self.reasoning_tag = reasoning_tag
         self.weights = validate_weights(weights, components)
         self.components = {}
         for name, spec in components.items():
@@ -113,11 +142,34 @@ class CompositeReward:
             if values is not None and len(values) != n:
                 raise ValueError(f"reward: {key} has {len(values)} entries for {n} completions")
         split_solutions(solutions)  # a solution without its "<TAG> " prefix is a DataError naming the row
+        guarded = self.guarded(completions, columns) if self.guard is not None else None
         scores = {name: [None] * n for name in self.weights}
         for name, component in self.components.items():
-            scores[name] = checked(name, component(completions, solutions, **columns), n)
+            if name == GUARDED_COMPONENT and guarded is not None:
+                scores[name] = self.judged_unguarded(component, guarded, completions, solutions, columns)
+            else:
+                scores[name] = checked(name, component(completions, solutions, **columns), n)
         overall = [weighted_overall({c: scores[c][i] for c in scores}, self.weights) for i in range(n)]
-        return RewardBatch(scores, overall)
+        return RewardBatch(scores, overall, guarded)
+
+    def guarded(self, completions: list[str], columns: dict) -> list[str | None]:
+        """The guard's reason per completion (columns `questions` and `truncated` where given)."""
+        questions = columns.get("questions") or [None] * len(completions)
+        truncated = columns.get("truncated") or [None] * len(completions)
+        return [degenerate_reason(c, q, t, self.guard, self.reasoning_tag)
+                for c, q, t in zip(completions, questions, truncated)]
+
+    @staticmethod
+    def judged_unguarded(component, guarded, completions, solutions, columns) -> list[float | None]:
+        """0.0 for every guarded row; the component called on the other rows only."""
+        rows = [i for i, reason in enumerate(guarded) if reason is None]
+        out: list[float | None] = [0.0] * len(completions)
+        if rows:
+            picked = {key: None if values is None else [values[i] for i in rows] for key, values in columns.items()}
+            values = component([completions[i] for i in rows], [solutions[i] for i in rows], **picked)
+            for i, value in zip(rows, checked(GUARDED_COMPONENT, values, len(rows))):
+                out[i] = value
+        return out
 
     def stats(self) -> dict[str, float]:
         """The statistics of every component that keeps some (the judge's `judge/*` counters)."""

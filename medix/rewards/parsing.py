@@ -1,5 +1,5 @@
-"""Pure string parsing for the reward, as in MediX-R1's released reward function: completion normalisation and
-answer extraction (the ground truth is split by `medix.data.tags.split_solution`)."""
+"""Pure string parsing for the reward, as in MediX-R1's released reward function (training/examples/reward_function/
+medical.py): completion normalisation, answer extraction and the reference's tag and answer."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def extract_answer(completion: str) -> str:
     block = _ANSWER_BLOCK.search(normalized)
     return clean_answer(block.group(1) if block else normalized)
 
+
+
+def reference_parts(solution: str) -> tuple[str, str]:
+    """The reference's modality tag and answer as the paper reads a `"<TAG> answer"` ground truth: the text up to the
+    first `>` (leading and inner whitespace kept, so `" <X_RAY>"` and `"< X_RAY >"` match no completion) and the text
+    after it, stripped, then without leading/trailing periods (`"<SPECT> ischemia ."` -> `"ischemia "`)."""
+    tag, _, answer = solution.partition(">")
+    return tag + ">", clean_answer(answer)

@@ -39,15 +39,19 @@ class SampleTables(Callback):
 
 class RewardHackingAlerts(Callback):
     """Warns, tags the MLflow run (`reward_hacking`) and logs `reward_hacking/alert` when one reward component
-    climbs while every other one stalls (`RewardHackingMonitor`); its history survives a resume."""
+    climbs while every other one stalls, the format reward collapses or degenerate answers take over
+    (`RewardHackingMonitor`); its history survives a resume."""
 
-    def __init__(self, window: int = 10, jump: float = 0.2, stall: float = 0.02):
-        self.monitor = RewardHackingMonitor(window=window, jump=jump, stall=stall)
+    def __init__(self, window: int = 10, jump: float = 0.2, stall: float = 0.02, format_drop: float | None = 0.5,
+                 max_guarded_share: float | None = 0.3):
+        self.monitor = RewardHackingMonitor(window=window, jump=jump, stall=stall, format_drop=format_drop,
+                                            max_guarded_share=max_guarded_share)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         means = {k.split("/")[1]: v for k, v in outputs["metrics"].items()
                  if k.startswith("reward/") and k.endswith("/mean") and k != "reward/overall/mean"}
-        for alert in self.monitor.update(pl_module.grpo_step, means):
+        guarded_share = outputs["metrics"].get("reward/guarded_share")
+        for alert in self.monitor.update(pl_module.grpo_step, means, guarded_share):
             log.warning("reward hacking? %s", alert.message)
             logger = trainer.logger
             if logger is not None and trainer.is_global_zero and hasattr(logger, "run_id"):
@@ -56,7 +60,8 @@ class RewardHackingAlerts(Callback):
 
     def state_dict(self):
         return {"history": {k: list(v) for k, v in self.monitor._history.items()},
-                "alerting": sorted(self.monitor._alerting), "last_step": self.monitor._last_step}
+                "alerting": sorted(self.monitor._alerting), "last_step": self.monitor._last_step,
+                "format_peak": self.monitor.format_peak}
 
     def load_state_dict(self, state):
         from collections import deque
@@ -64,6 +69,7 @@ class RewardHackingAlerts(Callback):
         self.monitor._history = {k: deque(v, maxlen=2 * self.monitor.window) for k, v in state["history"].items()}
         self.monitor._alerting = set(state["alerting"])
         self.monitor._last_step = state["last_step"]
+        self.monitor.format_peak = state.get("format_peak")  # absent in checkpoints from before it was kept
 
 
 class JudgeStats(Callback):

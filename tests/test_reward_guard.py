@@ -1,0 +1,137 @@
+"""The degenerate-answer guard: real degenerate outputs get 0 on llm_judge without a judge call and are counted in
+reward/guarded_share; clean medical answers pass; the paper presets keep the paper's guard only."""
+
+import pytest
+from hydra.utils import instantiate
+
+from medix.config import DegenerateGuardConfig
+from medix.errors import ConfigError
+from medix.instantiate import build
+from medix.rewards.guard import degenerate_reason, multiple_choice_options, options_named
+from medix.rewards.statistics import reward_metrics
+from tests.test_reward_composite import compose_reward
+
+SETTINGS = DegenerateGuardConfig()
+MCQ = "Which drug is first-line here?\nA. Aspirin\nB. Heparin\nC. Warfarin\nD. Alteplase"
+QUESTION = "What abnormality does this chest X-ray show in the right lung?"
+
+
+def form(answer, tag="<X_RAY>"):
+    return f"{tag}<thinking>The findings point to it.</thinking><answer>{answer}</answer>"
+
+
+@pytest.mark.parametrize("completion, question, truncated, reason", [
+    # from experiments/reward_ablation's sample tables (issue 20)
+    ("<<question><<<<<<<<<<<MECOSCOPY><<<<<<<<<<<<<<<<", QUESTION, True, "truncated"),
+    ("<<question><<<<<<<<<<<MECOSCOPY><<<<<<<<<<<<<<<<", QUESTION, False, "empty"),
+    (form("<<question><<<<< lung <<<<MECOSCOPY><<<<<<"), QUESTION, False, "tag_soup"),
+    ("<TAG><thinking>Looking at the image, the key finding is located in the", QUESTION, True, "truncated"),
+    ("<TAG><thinking>Looking at the image, the key finding is located in the", QUESTION, None, "truncated"),
+    (form("What abnormality does this chest X-ray show in the right lung"), QUESTION, False, "question_echo"),
+    (form("Aspirin or heparin or warfarin or alteplase"), MCQ, False, "option_echo"),
+    (form("A, B, C or D"), MCQ, False, "option_echo"),
+    (form("A. Aspirin; B. Heparin"), MCQ, False, "option_echo"),
+    (form("effusion effusion effusion effusion effusion"), QUESTION, False, "repetition"),
+    (form("right lung mass right lung mass right lung mass right lung mass right lung mass"), QUESTION, False,
+     "repetition"),
+    (form("<X_RAY><thinking></thinking>"), QUESTION, False, "empty"),
+    (form(" ... "), QUESTION, False, "empty"),
+])
+def test_degenerate_outputs_are_guarded(completion, question, truncated, reason):
+    assert degenerate_reason(completion, question, truncated, SETTINGS) == reason
+
+
+@pytest.mark.parametrize("completion, question", [
+    (form("yes"), "Is there a pneumothorax?"),
+    (form("Pneumothorax"), QUESTION),
+    (form("B. Aspirin"), MCQ),
+    (form("Aspirin"), MCQ),
+    (form("B"), MCQ),
+    (form("Vitamin D deficiency."), MCQ),
+    (form("A right upper lobe mass with a small effusion"), QUESTION),
+    (form("The right lung shows a pneumothorax"), QUESTION),  # restates the question and adds the answer
+    (form("< 5 mm"), "How wide is the gap?"),
+    (form("Left subdural hematoma with 5 mm midline shift"), None),
+    ("<X_RAY><thinking>Long reasoning cut at the cap</thinking><answer>Pneumothorax</answer>", QUESTION),
+    ("Pneumothorax", QUESTION),  # no form, not truncated: the judge decides, as in the paper
+])
+def test_clean_answers_pass(completion, question):
+    assert degenerate_reason(completion, question, False, SETTINGS) is None
+
+
+def test_a_truncated_completion_with_its_answer_is_judged():
+    assert degenerate_reason(form("Pneumothorax") + "<thinking>more", QUESTION, True, SETTINGS) is None
+
+
+def test_options_are_read_from_the_question_and_named_once_per_item():
+    options = multiple_choice_options(MCQ)
+    assert options == ["Aspirin", "Heparin", "Warfarin", "Alteplase"]
+    assert multiple_choice_options("Is this normal?") == []
+    assert options_named("B. Aspirin", options) == {0}
+    assert options_named("A, B or D", options) == {0, 1, 3}
+    assert options_named("A pneumothorax", options) == set()
+
+
+def test_thresholds_are_config():
+    strict = DegenerateGuardConfig(max_repeats=3, option_share=1.0)
+    assert degenerate_reason(form("mass mass mass"), QUESTION, False, strict) == "repetition"
+    assert degenerate_reason(form("mass mass mass"), QUESTION, False, SETTINGS) is None
+    assert degenerate_reason(form("Aspirin or heparin"), MCQ, False, SETTINGS) == "option_echo"
+    assert degenerate_reason(form("Aspirin or heparin"), MCQ, False, strict) is None
+
+
+class CountingJudge:
+    def __init__(self):
+        self.items = []
+
+    def score(self, items):
+        self.items.extend(items)
+        return [1.0] * len(items)  # a judge that can be bought: YES to everything
+
+
+class FixedEmbedder:
+    def similarity(self, a, b):
+        return [0.1] * len(a)
+
+
+def built(*overrides):
+    reward = instantiate(compose_reward("judge=qwen", "judge.cache.enabled=false", *overrides).reward)
+    judge = CountingJudge()
+    reward.components["llm_judge"].judge = judge
+    reward.components["embedding"].embedder = FixedEmbedder()
+    return reward, judge
+
+
+def test_the_default_reward_gives_guarded_answers_zero_without_a_judge_call_and_counts_them():
+    reward, judge = built()
+    completions = [form("What abnormality does this chest X-ray show in the right lung"),
+                   "<X_RAY><thinking>Looking at the image, the key finding is located in the",
+                   form("Right pneumothorax"), form("Aspirin or heparin or warfarin")]
+    questions = [QUESTION, QUESTION, QUESTION, MCQ]
+    batch = reward(completions, ["<X_RAY> Pneumothorax"] * 4, questions=questions,
+                   truncated=[False, True, False, False])
+    assert batch.components["llm_judge"] == [0.0, 0.0, 1.0, 0.0]
+    assert [item.prediction for item in judge.items] == ["Right pneumothorax"]
+    assert batch.guarded == ["question_echo", "truncated", None, "option_echo"]
+    assert reward_metrics(batch)["reward/guarded_share"] == pytest.approx(0.75)
+    assert reward_metrics(batch.select([2]))["reward/guarded_share"] == 0.0
+
+
+def test_the_paper_presets_keep_the_papers_guard_only():
+    cfg = compose_reward("experiment=paper_8b_dapo", "judge.cache.enabled=false")
+    assert cfg.reward.guard.enabled is False and cfg.reward.semantics == "medix"
+    reward, judge = built("reward.guard.enabled=false")
+    batch = reward([form("effusion effusion effusion effusion effusion"), form("x: y")], ["<X_RAY> Effusion"] * 2)
+    assert batch.components["llm_judge"] == [1.0, 0.0]  # the bought judge pays for the repetition; ":" still 0
+    assert batch.guarded is None and "reward/guarded_share" not in reward_metrics(batch)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("reward.guard.tag_share=0", "reward.guard.tag_share"),
+    ("reward.guard.max_repeats=1", "reward.guard.max_repeats"),
+    ("reward.guard.option_share=1.5", "reward.guard.option_share"),
+    ("reward.guard.echo_share=-1", "reward.guard.echo_share"),
+])
+def test_a_bad_threshold_names_its_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build(compose_reward("judge=rule", override).reward)
