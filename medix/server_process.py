@@ -118,13 +118,29 @@ class ServerProcess:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise self.error(f"{self.describe()} exited with code {self.process.returncode} while starting; "
+                raise self.error(f"{self.describe()} {self.ended()} while starting; "
                                  f"last log lines from {self.log_path}:\n{self.log_tail()}")
             if self.healthy():
                 return
             time.sleep(self.poll_s)
         raise self.error(f"{self.describe()} not healthy after {self.timeout_key}={self.startup_timeout_s:g}s; "
                          f"last log lines from {self.log_path}:\n{self.log_tail()}")
+
+    def ended(self) -> str:
+        """How the process ended ('exited with code 3', 'was killed by SIGILL (...)'); '' while it runs or before it
+        started. A SIGILL says why: a native build for another CPU is the usual cause."""
+        code = None if self.process is None else self.process.poll()
+        if code is None:
+            return ""
+        if code >= 0:
+            return f"exited with code {code}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = (" (an instruction this CPU cannot run: the server was built for another CPU; rebuild it, e.g. rerun "
+               "scripts/setup.sh)") if name == "SIGILL" else ""
+        return f"was killed by {name}{why}"
 
     def log_tail(self, lines: int = 25) -> str:
         try:

