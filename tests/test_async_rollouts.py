@@ -29,7 +29,7 @@ from medix.grpo.producer import RESAMPLED, RolloutProducer, position_seed
 from medix.rewards.composite import RewardBatch
 from medix.rollout.hf import HFEngine
 from medix_cli import offline_env, run_medix, sigkill_when
-from sync_golden import ALGORITHMS, GROUP, PROMPTS, SETTINGS, TOKENS, digest
+from sync_golden import ALGORITHMS, GROUP, PROMPTS, SETTINGS, TOKENS, digest, mismatches, trainable_sizes
 from tiny_lm import (TargetWordReward, algorithm, memory_logger, one_thread, save_tiny_model,  # noqa: F401
                      tiny_backbone, trainer, word_samples)
 
@@ -57,7 +57,8 @@ def fit(engine, *, steps=4, algo=None, reward=None, callbacks=(), samples=8):
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_max_staleness_0_trains_exactly_as_the_synchronous_step_did(name):
     """The weights after 2 GRPO steps (same seed) equal those the code before asynchronous rollouts left
-    (tests/assets/sync_step_golden.json, from commit e4dc74c); no producer thread runs."""
+    (tests/assets/sync_step_golden.json, from commit e4dc74c), up to float32 reordering between CPUs; no producer
+    thread runs."""
     seen = []
 
     class Threads(Callback):
@@ -68,8 +69,7 @@ def test_max_staleness_0_trains_exactly_as_the_synchronous_step_did(name):
     got = digest(name, engine=engine)
     want = json.loads(GOLDEN.read_text())[name]
     assert sorted(got) == sorted(want)
-    for key in want:
-        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+    assert mismatches(got, want, trainable_sizes()) == []
     _, logger = fit(HFEngine(), steps=1, callbacks=[Threads()])
     assert seen == [0] and "rollout/staleness/max" not in logger.steps[1]
 
