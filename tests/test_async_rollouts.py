@@ -90,11 +90,32 @@ class SlowTrainer(Callback):
         time.sleep(self.seconds)
 
 
+class SlowUpdate(LaggingEngine):
+    """The trainer slower than the engine by construction, whatever else loads the machine: each step's sync (the end
+    of its update) first waits until the producer holds `max_staleness` batches sampled ahead. (A sleep alone raced
+    the producer's sampling against the update and failed on a loaded CI machine: staleness 1, 2, 2 for 2, 2, 2.)"""
+
+    producer = None  # the module's, set when training starts
+
+    def sync(self, policy) -> dict[str, float]:
+        deadline = time.monotonic() + 60
+        while self.producer and self.producer.queue_depth() < self.max_staleness and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return super().sync(policy)
+
+
+class ProducerToEngine(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.engine.producer = pl_module.producer
+
+
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("regime", ["engine_slower", "trainer_slower"])
 def test_the_staleness_bound_holds_when_either_side_is_slower(k, regime):
-    engine = LaggingEngine(delay_s=0.5 if regime == "engine_slower" else 0.0, max_staleness=k)
-    callbacks = [SlowTrainer(0.5)] if regime == "trainer_slower" else []
+    if regime == "trainer_slower":
+        engine, callbacks = SlowUpdate(max_staleness=k), [ProducerToEngine(), SlowTrainer(0.5)]
+    else:
+        engine, callbacks = LaggingEngine(delay_s=0.5, max_staleness=k), []
     steps = 5
     module, logger = fit(engine, steps=steps, callbacks=callbacks, samples=16)  # one epoch: see the report on #21
     assert module.grpo_step == steps and producer_threads() == []
