@@ -32,7 +32,7 @@ def test_a_server_killed_by_an_illegal_instruction_says_so(tmp_path):
         server.start()
 
 
-def test_a_server_that_exits_gives_its_code_and_one_still_running_nothing(tmp_path):
+def test_a_server_that_exits_gives_its_code_and_one_not_started_nothing(tmp_path):
     server = Dies("raise SystemExit(5)", tmp_path)
     assert server.ended() == ""  # not started
     with pytest.raises(MedixError, match="exited with code 5 while starting"):

@@ -64,8 +64,8 @@ class LocalJudge(OpenAIJudge):
     def _start_hint(self) -> str:
         server = self.shared.server if self.shared else None
         log = server.log_path if server else "judge.server.log_file"
-        ended = f": it {server.ended()}" if server and server.ended() else ""
-        return f"the local judge server stopped answering{ended}; see its log ({log})"
+        ended = server.ended() if server else ""
+        return f"the local judge server stopped answering{': it ' + ended if ended else ''}; see its log ({log})"
 
     def stats(self) -> dict[str, float]:
         stats = super().stats()
