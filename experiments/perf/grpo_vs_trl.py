@@ -1,5 +1,8 @@
 """One GRPO step (a rollout of B×G completions + one optimizer step) timed in medix and in TRL's GRPOTrainer: same
-model and weights, prompts, settings; the two real training loops take turns step by step in one process.
+model and weights, prompts, settings. On the CPU preset each side runs in a process of its own, one after the other
+(`--processes separate`): in one process the two loops slowed each other 2.2-2.5x (README, "one process or two").
+The CUDA preset keeps them in one process taking turns step by step (`--processes shared`), so one lent GPU call
+times both.
 
     python experiments/perf/grpo_vs_trl.py --device cpu      # SmolLM2-135M + LoRA, 4×4 completions of 32 tokens
     python experiments/perf/grpo_vs_trl.py --device cpu --rollout vllm   # medix samples from an fp32 vLLM server
@@ -37,11 +40,11 @@ sys.path.insert(0, str(REPO))
 PRESETS = {
     # SmolLM2-135M-Instruct (converted GGUF) + LoRA r16 on all linear layers, fp32, real medix_mini prompts.
     "cpu": dict(prompts=4, group=4, completion=32, prompt_tokens=None, tuning="lora", dtype="float32", mixed="no",
-                warmup=2, steps=5),
+                warmup=2, steps=5, processes="separate"),
     # A randomly initialised ~0.4B Qwen2 (hidden 1024, 24 layers, vocab 151936), fp32 weights under bf16 autocast
     # (medix's trainer=gpu: precision bf16-mixed; TRL: bf16=True), synthetic 64-token prompts.
     "cuda": dict(prompts=16, group=8, completion=256, prompt_tokens=64, tuning="full", dtype="float32",
-                 mixed="bf16", warmup=2, steps=6),
+                 mixed="bf16", warmup=2, steps=6, processes="shared"),
 }
 QWEN2_04B = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                  intermediate_size=2816, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -523,6 +526,9 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("smollm2_135m", "qwen2_04b", "qwen2_tiny"), default=None,
                    help="override the preset's model (e.g. the CUDA preset's random 0.4B Qwen2 on a CPU)")
     p.add_argument("--sides", default="medix,trl", help="comma list; the first starts")
+    p.add_argument("--processes", choices=("separate", "shared"), default=None,
+                   help="separate: each side in a process of its own, one after the other (the CPU preset); shared: "
+                        "both in this process, taking turns step by step (the CUDA preset)")
     for name in ("prompts", "group", "completion", "prompt_tokens", "warmup", "steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--prompt-tokens-min", type=int, default=None,
@@ -626,8 +632,42 @@ def check_imports(rollout: str = "hf") -> dict[str, str]:
     return {name: where for name, where in found.items() if name in sys.modules}
 
 
+def run_apart(args, argv: list[str]) -> float:
+    """Each side in a process of its own (this script with `--sides <side> --processes shared`), one after the other;
+    the two medians and their ratio printed (and written to --json) as a shared run prints them."""
+    import subprocess
+
+    sides = args.sides.split(",")
+    out = Path(args.json).with_suffix("") if args.json else Path(tempfile.mkdtemp(prefix="medix-perf-"))
+    results = {}
+    for side in sides:
+        path = Path(f"{out}.{side}.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--sides", side, "--processes", "shared",
+               "--json", str(path)]
+        print(f"== {side} in its own process: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True)
+        results[side] = json.loads(path.read_text())
+    print(f"\nmedian over {args.steps} steps after {args.warmup} warm-up, each side in its own process (seconds)")
+    for side in sides:
+        s, rss = results[side]["summary"][side], results[side]["process_peak_rss_gib"]
+        print(f"{side:>6}: step {s['step_s']:.3f}  rollout {s['rollout_s']:.3f}  update {s['update_s']:.3f}  "
+              f"process peak RSS {rss:.2f} GiB")
+    ratio = (results["medix"]["summary"]["medix"]["step_s"] / results["trl"]["summary"]["trl"]["step_s"]
+             if set(sides) >= {"medix", "trl"} else float("nan"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"processes": "separate", "ratio": ratio,
+                                               "sides": {side: str(Path(f"{out}.{side}.json")) for side in sides},
+                                               "summary": {side: results[side]["summary"][side] for side in sides},
+                                               "process_peak_rss_gib": {side: results[side]["process_peak_rss_gib"]
+                                                                        for side in sides}}, indent=1))
+    print(f"medix/trl step-time ratio: {ratio:.3f}")
+    return ratio
+
+
 def main(argv=None) -> float:
     args = parse_args(argv)
+    if args.processes == "separate" and "," in args.sides and not args.check_imports:
+        return run_apart(args, list(sys.argv[1:] if argv is None else argv))
     if args.no_cudnn_sdp:
         torch.backends.cuda.enable_cudnn_sdp(False)
     if args.check_imports:
