@@ -4,9 +4,9 @@ rollouts computed them (commit e4dc74c), so a test can show `rollout.max_stalene
 Regenerate (only when the synchronous step is meant to change): `python tests/sync_golden.py > tests/assets/...`.
 
 The sums are compared up to float32 reordering, which differs between CPUs (AVX-512 or AVX2 kernels, other BLAS
-blocking): measured here with default kernels and with ATEN_CPU_CAPABILITY=avx2, a sum moved by at most 3.3e-6 of its scale
-sqrt(numel * sum of squares) (a bound on the sum of |w|), a sum of squares by 2.2e-6 of itself; one GRPO step more
-or fewer moves them by 4e-2 and 0.6. `TOLERANCE` = 1e-4 lies between."""
+blocking): measured here with default kernels and with ATEN_CPU_CAPABILITY=avx2, a sum moved by at most 3.3e-6 of
+its scale sqrt(numel * sum of squares) (a bound on the sum of |w|), a sum of squares by 2.2e-6 of itself; one GRPO
+step more or fewer moves them by 4e-2 and 0.6. `TOLERANCE` = 1e-4 lies between."""
 
 from __future__ import annotations
 

@@ -639,9 +639,9 @@ def run_apart(args, argv: list[str]) -> float:
 
     sides = args.sides.split(",")
     out = Path(args.json).with_suffix("") if args.json else Path(tempfile.mkdtemp(prefix="medix-perf-"))
+    paths = {side: Path(f"{out}.{side}.json") for side in sides}
     results = {}
-    for side in sides:
-        path = Path(f"{out}.{side}.json")
+    for side, path in paths.items():
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--sides", side, "--processes", "shared",
                "--json", str(path)]
         print(f"== {side} in its own process: {' '.join(cmd[1:])}", flush=True)
@@ -656,7 +656,7 @@ def run_apart(args, argv: list[str]) -> float:
              if set(sides) >= {"medix", "trl"} else float("nan"))
     if args.json:
         Path(args.json).write_text(json.dumps({"processes": "separate", "ratio": ratio,
-                                               "sides": {side: str(Path(f"{out}.{side}.json")) for side in sides},
+                                               "sides": {side: str(path) for side, path in paths.items()},
                                                "summary": {side: results[side]["summary"][side] for side in sides},
                                                "process_peak_rss_gib": {side: results[side]["process_peak_rss_gib"]
                                                                         for side in sides}}, indent=1))
