@@ -217,6 +217,7 @@ class HFRollout:
     share_prompt_cache: bool = True  # prefill each distinct prompt once and copy its KV cache to the group
     cache_implementation: Optional[str] = None  # transformers' generate(cache_implementation=...), e.g. static
     max_staleness: int = 0  # 0 only: generate samples from the trainer's own model (asynchronous: rollout=vllm)
+    merge_lora: bool = True  # sample with each LoRA adapter folded into a temporary copy of its layer's weight
 
 
 @dataclass

@@ -4,18 +4,20 @@ logsumexp equals log_softmax, the shared prompt cache samples what a plain prefi
 sampled from is what the training forward scores, whatever the checkpoint's generation_config asks for."""
 
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import StaticCache
 
 from medix.errors import ConfigError
 from medix.grpo.logprobs import completion_logprobs, prompt_owners, token_logprobs
 from medix.models.base import Backbone
-from medix.models.base import left_padded_positions
+from medix.models.base import left_padded_positions, native_gqa_attention
 from medix.rollout.base import Sampling
-from medix.rollout.hf import HFEngine
+from medix.rollout.hf import HFEngine, lora_merged
 from tiny_lm import one_thread, record_generate, tiny_qwen2, word_tokenizer  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,6 +103,7 @@ def test_shared_prompt_cache_samples_what_a_plain_prefill_samples():
         outs.append(HFEngine(share_prompt_cache=share).generate(backbone, PROMPTS, group_size=3,
                                                                 sampling=Sampling(max_new_tokens=6)))
     assert [call.get("past_key_values") is not None for call in calls] == [True, False]  # the cache was shared
+    assert isinstance(calls[0]["past_key_values"], StaticCache)  # sized for the completions, written in place
     shared, plain = outs
     assert shared.input_ids.shape == (9, 4 + 6)
     assert torch.equal(shared.input_ids, plain.input_ids)
@@ -182,3 +185,58 @@ def test_completion_logprobs_equal_log_softmax_of_the_model_logits(share, lora):
     ref = F.log_softmax(logits[:, P - 1:-1].double(), -1).gather(-1, input_ids[:, P:].unsqueeze(-1)).squeeze(-1)
     real = attention_mask[:, P:].bool()
     torch.testing.assert_close(logp[real].double(), ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_merged_runs_the_adapted_weights_and_gives_the_original_tensors_back():
+    model = tiny_qwen2(lora=True).eval()
+    ids = torch.randint(3, 97, (2, 6))
+    weights = {name: p for name, p in model.named_parameters() if "base_layer.weight" in name}
+    values = {name: p.detach().clone() for name, p in weights.items()}
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        with lora_merged(model):
+            merged = model(input_ids=ids).logits
+            inside = dict(model.named_parameters())
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert (merged - base).abs().max() > 0.1  # the adapters took part
+    assert all(inside[name] is not p for name, p in weights.items())  # a copy was run, not the weight itself
+    after_weights = dict(model.named_parameters())
+    assert all(after_weights[name] is p and torch.equal(p, values[name]) for name, p in weights.items())
+    assert torch.equal(after, adapted)  # the adapters are on again
+
+
+def test_native_gqa_attention_changes_no_numbers(monkeypatch):
+    """tiny_qwen2 has 4 query heads over 2 KV heads: K/V handed to SDPA grouped give the log-probs and gradients of
+    K/V copied out per head."""
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    native_gqa_attention("cuda")
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # transformers' own choice on CUDA
+    native_gqa_attention("cpu")
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    input_ids, attention_mask, prompt_length = group_batch()
+    sdpa, kv_heads = F.scaled_dot_product_attention, []
+
+    def recording_sdpa(query, key, value, *args, **kwargs):
+        kv_heads.append(key.shape[1])
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", switch)
+        model = tiny_qwen2(lora=True).train()
+        kv_heads.clear()
+        logp, _ = completion_logprobs(model, input_ids, attention_mask, prompt_length)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        results.append((logp.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+        assert set(kv_heads) == ({2} if switch == "1" else {4})  # grouped K/V, or copied out to the 4 query heads
+    (gqa, gqa_grads), (copied, copied_grads) = results
+    torch.testing.assert_close(gqa, copied, atol=1e-6, rtol=1e-6)
+    for a, b in zip(gqa_grads, copied_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")
+    native_gqa_attention("cpu")
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"  # a user's setting stays

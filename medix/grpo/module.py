@@ -24,6 +24,7 @@ from medix.grpo.producer import Produced, RolloutProducer, position_seed
 from medix.memory import freed_memory_returned
 from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator,
                                mismatch_weights, policy_loss)
+from medix.models.base import native_gqa_attention
 from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
 from medix.rewards.composite import RewardBatch
 from medix.rewards.statistics import RewardStatistics
@@ -125,6 +126,7 @@ class GRPOModule(L.LightningModule):
             shard_model(self.ref_model, self.device_mesh, mp_policy=policy)
 
     def on_fit_start(self) -> None:
+        native_gqa_attention(self.device)
         if self.ref_model is not None and not is_sharded(self.ref_model):
             dtype = next(self.model.parameters()).dtype
             self.ref_model.to(device=self.device, dtype=dtype)

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from medix.errors import ConfigError
+from medix.memory import freed_memory_returned
 from medix.models.base import can_share_prompt, left_padded_positions
 from medix.models.sharding import gathered_for_generation, is_sharded
 from medix.rollout.base import Rollout, Sampling, completion_mask_from_ids
@@ -15,11 +16,12 @@ from medix.rollout.base import Rollout, Sampling, completion_mask_from_ids
 class HFEngine:
     """Samples `group_size` completions per prompt with one batched `generate` call on the policy itself, so there
     is nothing to sync, and nothing to sample ahead with (`max_staleness` 0 only). share_prompt_cache: each distinct
-    prompt is prefilled once and its KV cache copied to the group's rows (text-only decoder models with the default
-    dynamic cache)."""
+    prompt is prefilled once and its KV cache copied into a static cache of the group's rows, sized for the whole
+    completion (text-only decoder models, `cache_implementation` unset). merge_lora: a LoRA policy samples with each
+    adapter folded into a temporary copy of its layer's weight (one matmul per layer instead of three)."""
 
     def __init__(self, share_prompt_cache: bool = True, cache_implementation: str | None = None,
-                 max_staleness: int = 0):
+                 max_staleness: int = 0, merge_lora: bool = True):
         if max_staleness != 0:
             raise ConfigError(f"rollout.max_staleness={max_staleness!r} with rollout=hf: HF generate samples from the "
                               "trainer's own model, so it cannot sample ahead while it trains; use rollout=vllm for "
@@ -27,6 +29,7 @@ class HFEngine:
         self.share_prompt_cache = share_prompt_cache
         self.cache_implementation = cache_implementation
         self.max_staleness = max_staleness
+        self.merge_lora = merge_lora
 
     @torch.no_grad()
     def generate(self, policy, prompts: list[str], images: list[list] | None = None, *, group_size: int,
@@ -58,10 +61,13 @@ class HFEngine:
         if (self.share_prompt_cache and group_size > 1 and self.cache_implementation is None and not inputs
                 and not synced_gpus and can_share_prompt(model) and enc.input_ids.shape[1] > 1):
             cache = prompt_cache(model, enc.input_ids[:, :-1].to(device), enc.attention_mask[:, :-1].to(device))
-            cache.reorder_cache(torch.arange(len(prompts), device=device).repeat_interleave(group_size))
-            extra["past_key_values"] = cache  # generate feeds only the last prompt token, then samples
+            rows = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+            # generate feeds only the last prompt token, then samples
+            extra["past_key_values"] = group_cache(model, cache, rows, ids.shape[1] + sampling.max_new_tokens)
         eos = policy.eos_token_ids
-        with gathered_for_generation(model) if synced_gpus else contextlib.nullcontext(), policy_sampling(model):
+        merged = lora_merged(model) if self.merge_lora and not synced_gpus else contextlib.nullcontext()
+        with gathered_for_generation(model) if synced_gpus else contextlib.nullcontext(), policy_sampling(model), \
+                merged:
             output = model.generate(
                 input_ids=ids, attention_mask=mask, **inputs, **extra,
                 do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
@@ -117,3 +123,61 @@ def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),
                 use_cache=True, logits_to_keep=1)
     return out.past_key_values
+
+
+def group_cache(model, cache, rows: torch.Tensor, max_length: int):
+    """`cache`'s rows `rows` (a prompt's KV repeated for its group) in a static cache of `max_length` positions, so
+    decoding writes each new token in place instead of growing every layer's tensors by one position per token (a
+    copy of the whole cache each time). Falls back to the dynamic cache, reordered, where a layer is not a plain
+    full-attention one (sliding windows)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    static = StaticCache(config=model.config, max_cache_len=max_length)
+    if len(static.layers) != len(cache.layers) or any(type(layer) is not StaticLayer for layer in static.layers):
+        cache.reorder_cache(rows)
+        return cache
+    with freed_memory_returned():  # mapped blocks of their own: unmapped when freed, not left in the heap
+        for target, source in zip(static.layers, cache.layers):
+            target.update(source.keys.index_select(0, rows), source.values.index_select(0, rows))
+    return static
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """Inside: every LoRA linear layer of a peft `model` runs its base layer alone, whose weight is a new tensor
+    W + scaling * B @ A; after, the layers hold their original weight tensors again (nothing is subtracted, so no
+    rounding drift). The outputs equal the unmerged forward's up to float rounding; the extra memory is one copy of
+    the adapted weights while inside. Other models, and LoRA variants (DoRA) or non-linear LoRA layers: unchanged."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if (not layers or not hasattr(model, "disable_adapter")
+            or any(type(m) is not LoraLinear or m.lora_variant or m.merged for m in layers)):
+        yield
+        return
+    saved = []
+    try:
+        with freed_memory_returned():  # the copies are mapped blocks of their own: unmapped when freed, not left in the heap
+            for layer in layers:
+                base = layer.get_base_layer()
+                saved.append((base, base.weight))
+                base.weight = torch.nn.Parameter(merged_weight(layer, base.weight), requires_grad=False)
+        with model.disable_adapter():
+            yield
+    finally:
+        for base, weight in saved:
+            base.weight = weight
+
+
+def merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
+    """A new tensor W + scaling * B @ A over `layer`'s active adapters (transposed for fan_in_fan_out layers), in
+    one allocation."""
+    merged = weight.clone()
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            a, b = layer.lora_A[name].weight.to(weight.dtype), layer.lora_B[name].weight.to(weight.dtype)
+            a, b = (b.T, a.T) if layer.fan_in_fan_out else (a, b)
+            merged.addmm_(b, a, alpha=layer.scaling[name])
+    return merged
