@@ -65,9 +65,9 @@ class HFEngine:
             # generate feeds only the last prompt token, then samples
             extra["past_key_values"] = group_cache(model, cache, rows, ids.shape[1] + sampling.max_new_tokens)
         eos = policy.eos_token_ids
+        gathered = gathered_for_generation(model) if synced_gpus else contextlib.nullcontext()
         merged = lora_merged(model) if self.merge_lora and not synced_gpus else contextlib.nullcontext()
-        with gathered_for_generation(model) if synced_gpus else contextlib.nullcontext(), policy_sampling(model), \
-                merged:
+        with gathered, policy_sampling(model), merged:
             output = model.generate(
                 input_ids=ids, attention_mask=mask, **inputs, **extra,
                 do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
@@ -159,7 +159,7 @@ def lora_merged(model):
         return
     saved = []
     try:
-        with freed_memory_returned():  # the copies are mapped blocks of their own: unmapped when freed, not left in the heap
+        with freed_memory_returned():  # each copy a mapping of its own: unmapped when freed, not left in the heap
             for layer in layers:
                 base = layer.get_base_layer()
                 saved.append((base, base.weight))
