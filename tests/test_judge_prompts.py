@@ -16,7 +16,8 @@ from medix.judges.prompts import (
     verdict_strict,
     yes_probability,
 )
-from medix.judges.rule import negation_consistent, normalized_words, rule_match
+from medix.judges.rule import rule_match
+from medix.negation import negation_consistent, normalized_words
 
 
 @pytest.mark.parametrize(
