@@ -81,14 +81,19 @@ class TinyVLMBackbone(CausalLMBackbone):
 class DegenerateGuardConfig:
     """medix.rewards.guard: answers that score 0 on llm_judge without a judge call (counted in reward/guarded_share):
     truncated at the token cap without <answer>…</answer>, empty or form-only, tag soup, a repeated token or n-gram,
-    an echo of the question or of a multiple-choice question's options. The paper's own guard (empty, one
-    character, `__`, `:`, `?`) always applies."""
+    an echo of the question or of a multiple-choice question's options, text addressed to the grader, a denial of
+    the reference, a hedge. The paper's own guard (empty, one character, `__`, `:`, `?`) always applies."""
 
     enabled: bool = True  # false: the paper's guard only (the paper presets)
+    answer_block: bool = True  # no <answer>…</answer> in the completion: no judge call (false: judge the whole text)
     tag_share: float = 0.5  # tag soup: this share of the answer's non-space characters is <...> tags or stray < >
     max_repeats: int = 5  # repetition: a token or an n-gram of up to 3 tokens this many times in a row
+    single_answer: bool = True  # two or more <answer> tags (several answers, or one and then junk): no judge call
     option_share: float = 0.5  # option echo: names >= 2 and at least this share of the question's options
     echo_share: float = 0.6  # question echo: repeats this share of the question's word 3-grams, adding no word
+    grader_address: bool = True  # text for the grader: a verdict, a dictated YES, ground-truth lines, chat tokens
+    denial: bool = True  # the answer names a word of the reference only to deny it ("pneumothorax is ruled out")
+    hedge_items: int = 6  # hedge: alternatives ("or") the reference lacks, or a list of more items; 0 = off
 
 
 @dataclass

@@ -77,10 +77,12 @@ def guard_settings(guard) -> DegenerateGuardConfig | None:
         return None
     settings = guard if isinstance(guard, DegenerateGuardConfig) else DegenerateGuardConfig(**dict(guard))
     checks = {"tag_share": 0 < settings.tag_share <= 1, "max_repeats": settings.max_repeats >= 2,
-              "option_share": 0 < settings.option_share <= 1, "echo_share": 0 < settings.echo_share <= 1}
+              "option_share": 0 < settings.option_share <= 1, "echo_share": 0 < settings.echo_share <= 1,
+              "hedge_items": settings.hedge_items >= 0}
     for key, ok in checks.items():
         if not ok:
-            expected = "an integer >= 2" if key == "max_repeats" else "a share in (0, 1]"
+            expected = {"max_repeats": "an integer >= 2", "hedge_items": "an integer >= 0 (0 = off)"}.get(
+                key, "a share in (0, 1]")
             raise ConfigError(f"reward.guard.{key}={getattr(settings, key)!r}; expected {expected}")
     return settings if settings.enabled else None
 
@@ -141,8 +143,8 @@ class CompositeReward:
         for key, values in [("solutions", solutions), *columns.items()]:
             if values is not None and len(values) != n:
                 raise ValueError(f"reward: {key} has {len(values)} entries for {n} completions")
-        split_solutions(solutions)  # a solution without its "<TAG> " prefix is a DataError naming the row
-        guarded = self.guarded(completions, columns) if self.guard is not None else None
+        references = [answer for _, answer in split_solutions(solutions)]  # a DataError names a row without a tag
+        guarded = self.guarded(completions, references, columns) if self.guard is not None else None
         scores = {name: [None] * n for name in self.weights}
         for name, component in self.components.items():
             if name == GUARDED_COMPONENT and guarded is not None:
@@ -152,12 +154,12 @@ class CompositeReward:
         overall = [weighted_overall({c: scores[c][i] for c in scores}, self.weights) for i in range(n)]
         return RewardBatch(scores, overall, guarded)
 
-    def guarded(self, completions: list[str], columns: dict) -> list[str | None]:
+    def guarded(self, completions: list[str], references: list[str], columns: dict) -> list[str | None]:
         """The guard's reason per completion (columns `questions` and `truncated` where given)."""
         questions = columns.get("questions") or [None] * len(completions)
         truncated = columns.get("truncated") or [None] * len(completions)
-        return [degenerate_reason(c, q, t, self.guard, self.reasoning_tag)
-                for c, q, t in zip(completions, questions, truncated)]
+        return [degenerate_reason(c, q, t, self.guard, self.reasoning_tag, reference)
+                for c, q, t, reference in zip(completions, questions, truncated, references)]
 
     @staticmethod
     def judged_unguarded(component, guarded, completions, solutions, columns) -> list[float | None]:

@@ -1,10 +1,13 @@
 """The degenerate-answer guard: pure rules that tell a policy's garbage (tag soup, echoes of the question or of its
-options, repeated tokens, empty or form-only answers, truncated text without an answer) from an answer worth judging."""
+options, repeated tokens, empty or form-only answers, truncated text without an answer) and its attempts to buy a YES
+(text addressed to the grader, the reference named and denied, a hedge over alternatives) from an answer worth
+judging."""
 
 from __future__ import annotations
 
 import re
 
+from medix.negation import denies
 from medix.rewards.parsing import extract_answer, normalize_completion
 
 _ANSWER_BLOCK = re.compile(r"<answer>.*?</answer>", re.DOTALL)
@@ -17,6 +20,26 @@ _OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.)]\s+(.+?)\s*$", re.MULTILINE)
 # ("B", "B.", "(B)", "option B").
 _LIST_SEPARATOR = re.compile(r"[,;/\n]|\s(?:or|and)\s", re.IGNORECASE)
 _OPTION_LETTER = re.compile(r"^(?:[Oo]ption\s+)?\(?([A-J])(?:[.):]|$)")
+# Text addressed to the grader rather than an answer: the grader or its verdict named, a reply dictated, an
+# instruction to ignore the task, a match or correctness claimed, a chat-template token or a role line.
+_GRADER_ADDRESS = re.compile(r"""
+    \b(?:grader|grading|evaluator|judge|verdict|ground[\s_-]*truth|reference\s+answer|predicted\s+answer)s?\b
+  | \b(?:approved|validated|accepted|verified)\s+(?:this|the|my)\s+answer\b
+  | \b(?:respond|answer|reply|say|output|print|return|mark)\w*\s+(?:with\s+|it\s+as\s+)?["'“]?(?:yes|oui|correct)\b
+  | \b(?:ignore|disregard)\b
+  | \b(?:is|are|as|now)\s+(?:now\s+|verified\s+as\s+)?correct\b
+  | \bcontent\s+match | \bmatch(?:es)?\s+the\s+(?:ground|reference|truth)
+  | <\|[\w-]+\|> | \[/?INST\] | ^\s*(?:system|assistant|user)\s*:
+""", re.IGNORECASE | re.VERBOSE | re.MULTILINE)
+_VERDICT_WORD = re.compile(r"\bY\s?E\s?S\b")  # an upper-case YES (or Y E S) where the reference has no yes
+# Words that talk about the task instead of answering it: an answer made only of these names nothing
+# ("This question and findings point to this answer.", "The findings").
+# ("a" is left out: it is an option letter.)
+_META_WORDS = frozenset("""an the this that these those it its is are was be to of in on at for and or with as by
+    from here there so which what question questions answer answers finding findings point points solution response
+    prompt task image scenario given following final""".split())
+# The alternatives of a hedge ("gout or pseudogout", "either ... or ...").
+_ALTERNATIVE = re.compile(r"\b(?:or|either)\b", re.IGNORECASE)
 
 
 def words(text: str) -> list[str]:
@@ -85,6 +108,42 @@ def echo_share(answer: str, question: str | None) -> float:
     return len(grams & answer_grams) / len(grams)
 
 
+def copied_from_question(answer: str, question: str | None, min_words: int = 4) -> bool:
+    """The answer is `min_words` or more words lifted from the question's stem (its option lines left out, so an
+    option's text is an answer): every word 3-gram of the answer occurs there."""
+    stem = _OPTION_LINE.sub(" ", question or "")
+    stem_words = words(stem)
+    answer_words = words(_TAG.sub(" ", answer))
+    if len(answer_words) < min_words:
+        return False
+    stem_grams = {tuple(stem_words[i:i + 3]) for i in range(len(stem_words) - 2)}
+    return all(tuple(answer_words[i:i + 3]) in stem_grams for i in range(len(answer_words) - 2))
+
+
+def names_nothing(answer: str) -> bool:
+    """Every word of the answer talks about the task (`question`, `answer`, `findings`, `point`, articles)."""
+    return set(words(_TAG.sub(" ", answer))) <= _META_WORDS
+
+
+def addresses_grader(answer: str, reference: str | None = None) -> bool:
+    """The answer speaks to the grader (`respond with YES`, `Ground Truth: …`, `Verdict: YES`, `<|im_start|>`,
+    `ignore the instructions`) or holds an upper-case YES that the reference lacks."""
+    if _GRADER_ADDRESS.search(answer):
+        return True
+    return bool(_VERDICT_WORD.search(answer)) and "yes" not in words(reference or "")
+
+
+def hedges(answer: str, reference: str | None, max_items: int) -> bool:
+    """The answer offers alternatives (`or`, `either`) where the reference offers none, or lists more than
+    `max_items` items and more than the reference does (a list of findings in which the reference hides)."""
+    reference = reference or ""
+    if _ALTERNATIVE.search(answer) and not _ALTERNATIVE.search(reference):
+        return True
+    items = [item for item in _LIST_SEPARATOR.split(answer) if words(item)]
+    reference_items = [item for item in _LIST_SEPARATOR.split(reference) if words(item)]
+    return len(items) > max(max_items, len(reference_items))
+
+
 def looks_truncated(completion: str, reasoning_tag: str) -> bool:
     """The text opens the reasoning or answer tag and never closes it (a completion cut at the token cap)."""
     text = normalize_completion(completion)
@@ -92,29 +151,47 @@ def looks_truncated(completion: str, reasoning_tag: str) -> bool:
 
 
 def degenerate_reason(completion: str, question: str | None, truncated: bool | None, settings,
-                      reasoning_tag: str = "thinking") -> str | None:
+                      reasoning_tag: str = "thinking", reference: str | None = None) -> str | None:
     """Why the completion's answer gets no judge credit, or None when it may be judged.
 
-    `settings` holds the thresholds (medix.config.DegenerateGuardConfig: echo_share, option_share, tag_share,
-    max_repeats); `truncated` says whether sampling stopped at the token cap (None = unknown: read from the text).
-    Reasons: truncated (no <answer>…</answer> and the text was cut), empty (nothing but tags and punctuation),
-    tag_soup, repetition, option_echo (names two or more and at least option_share of a multiple-choice question's
-    options), question_echo.
+    `settings` holds the thresholds (medix.config.DegenerateGuardConfig); `truncated` says whether sampling stopped
+    at the token cap (None = unknown); `reference` is the reference answer (None: the rules that compare with it are
+    skipped). Reasons: truncated (no <answer>…</answer>, and sampling hit the cap or the text leaves a tag open),
+    no_answer_block (no <answer>…</answer> at all, with settings.answer_block), empty (nothing but tags and
+    punctuation), non_answer (only words about the task: "this question and findings point to this answer"),
+    tag_soup, repetition, several_answers (two or more <answer> tags, with settings.single_answer), option_echo
+    (names two or more and at least option_share of a multiple-choice question's options), question_echo (repeats
+    echo_share of the question, or is four or more words lifted from its stem), grader_address, denial (names the
+    reference only to deny it), hedge (alternatives, or a long list, where the reference has neither).
     """
-    cut = looks_truncated(completion, reasoning_tag) if truncated is None else bool(truncated)
-    if cut and not _ANSWER_BLOCK.search(normalize_completion(completion)):
+    has_answer = bool(_ANSWER_BLOCK.search(normalize_completion(completion)))
+    if not has_answer and (bool(truncated) or looks_truncated(completion, reasoning_tag)):
         return "truncated"
+    if not has_answer and settings.answer_block:
+        return "no_answer_block"
     answer = extract_answer(completion)
     if not words(_TAG.sub(" ", answer)):
         return "empty"
+    if names_nothing(answer):
+        return "non_answer"
     if tag_share(answer) >= settings.tag_share:
         return "tag_soup"
     if longest_repeat(answer) >= settings.max_repeats:
         return "repetition"
+    if settings.single_answer and normalize_completion(completion).count("<answer>") > 1:
+        return "several_answers"
     options = multiple_choice_options(question)
     named = options_named(answer, options) if options else set()
     if len(named) >= 2 and len(named) >= settings.option_share * len(options):
         return "option_echo"
-    if echo_share(answer, question) >= settings.echo_share:
+    if echo_share(answer, question) >= settings.echo_share or copied_from_question(answer, question):
         return "question_echo"
+    if settings.grader_address and addresses_grader(answer, reference):
+        return "grader_address"
+    if reference is None:
+        return None
+    if settings.denial and denies(answer, reference):
+        return "denial"
+    if settings.hedge_items and hedges(answer, reference, settings.hedge_items):
+        return "hedge"
     return None
