@@ -4,6 +4,7 @@ the validation metric; plus MLflow organisation read back with MlflowClient and 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -101,6 +102,10 @@ def test_runs_say_their_reward_mix_and_algorithm(grid_sweep):
         assert config["reward"]["weights"]["embedding"] == weight and config["judge"]["api_key"] == "<redacted>"
         tables = [a.path for a in client.list_artifacts(run_id, "samples")]
         assert tables == ["samples/step_00001.json", "samples/step_00002.json"]  # smoke: a table every step
+        table = json.loads(Path(client.download_artifacts(run_id, tables[0])).read_text())
+        rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+        assert all(isinstance(r["truncated"], bool) and r["id"] and r["completion"] is not None for r in rows)
+        assert "guarded" not in table["columns"]  # experiment=smoke turns the degenerate guard off
 
 
 def judge_down_for(model: str):

@@ -17,8 +17,9 @@ SUMMED = ("judge/requests", "judge/items", "judge/cache_hits", "judge/failures")
 
 
 class SampleTables(Callback):
-    """An MLflow table of this rank-0 step's completions with every reward component, at the first step and every
-    `every_n_steps` after (`samples/step_<n>.json`)."""
+    """An MLflow table of this rank-0 step's completions with every reward component, whether sampling hit the token
+    cap and why the degenerate guard stopped it, at the first step and every `every_n_steps` after
+    (`samples/step_<n>.json`)."""
 
     def __init__(self, every_n_steps: int = 5):
         self.every_n_steps = every_n_steps
@@ -33,7 +34,10 @@ class SampleTables(Callback):
         samples = [s for s in scored.prompts.samples for _ in range(scored.group_size)]
         table = {"step": [step] * len(samples), "id": [s.id for s in samples],
                  "solution": [s.solution for s in samples], "completion": scored.rollout.texts,
+                 "truncated": scored.rollout.truncated.tolist(),
                  "overall": list(scored.rewards.overall), **{k: list(v) for k, v in scored.rewards.components.items()}}
+        if scored.rewards.guarded is not None:
+            table["guarded"] = list(scored.rewards.guarded)  # why the degenerate guard gave llm_judge 0 (None: not)
         logger.experiment.log_table(logger.run_id, data=table, artifact_file=f"samples/step_{step:05d}.json")
 
 
