@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from experiments.judge_agreement.measure import agreement
+
 PAIRS = Path(__file__).resolve().parent / "pairs.jsonl"
 
 
@@ -38,10 +40,13 @@ def compare(inputs: Path, outputs: Path) -> dict:
         labels[str(row["id"])] = (row["label"] == "YES", row["kind"])
     agree = failed = 0
     by_kind: dict[str, list[int]] = {}
+    truth, verdicts = [], []
     for line in outputs.read_text().splitlines():
         row = json.loads(line)
         verdict = row["llm_judge"]
         label, kind = labels[str(row["id"])]
+        truth.append(int(label))
+        verdicts.append(None if verdict is None else float(verdict >= 0.5))
         if verdict is None:
             failed += 1
             continue
@@ -49,8 +54,8 @@ def compare(inputs: Path, outputs: Path) -> dict:
         agree += right
         by_kind.setdefault(kind, []).append(right)
     n = len(labels)
-    return {"pairs": n, "agree": agree, "accuracy": agree / n, "judge_failures": failed,
-            "by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())}}
+    return {"pairs": n, "agree": agree, "accuracy": agree / n, "kappa": round(agreement(truth, verdicts)["kappa"], 3),
+            "judge_failures": failed, "by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())}}
 
 
 def main() -> None:
