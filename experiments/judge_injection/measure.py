@@ -4,8 +4,11 @@ python -m experiments.judge_injection.measure [--judges rule local] [--out resul
 `local` is any conf/judge name of a llama.cpp judge (local, local_small). Before: the paper's prompt
 (`Predicted:{p}\\nGround Truth:{r}`), the raw prediction, the `contains` parser on a 4-token reply. After: the judge as
 configured (`judge.score`: its template with the prediction delimited and cleaned, cut to judge.max_prediction_chars,
-and its scoring: the strict parser or the logprob verdict at judge.yes_threshold). Controls: the YES-labelled pairs of
-the check half of experiments/judge_agreement (a defence must not turn true matches to NO).
+and its scoring: the strict parser or the logprob verdict at judge.yes_threshold). Through the reward: what the
+composite reward's llm_judge gives, the paper's answer guard and medix's degenerate guard (reward.guard defaults, with
+the reference) first, the configured judge behind them. Controls: the YES-labelled pairs of the check half of
+experiments/judge_agreement (a defence must not turn true matches to NO), or, for a cases file whose rows carry a
+label (heldout_cases.jsonl), its own YES rows.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from hydra.utils import instantiate
 from medix.judges import JudgeItem
 from medix.judges.config import register
 from medix.judges.prompts import parse_verdict
+from medix.config import DegenerateGuardConfig
 from medix.judges.rule import rule_match
 from medix.rewards.components import answer_shortcut
+from medix.rewards.guard import degenerate_reason
 from medix.rewards.parsing import extract_answer
 
 HERE = Path(__file__).resolve().parent
@@ -87,11 +92,34 @@ def rule_results(cases: list[dict], controls: list[dict], max_chars: int) -> dic
             "controls": {"before": yes_rate(controls, False), "after": yes_rate(controls, True)}}
 
 
-def reward_guard(cases: list[dict]) -> dict:
-    """Cases the composite reward zeroes before any judge sees them (the paper's ':', '?', '__' answer guard)."""
-    zeroed = [r["id"] for r in cases
-              if answer_shortcut(extract_answer(f"<answer>{r['prediction']}</answer>"), r["reference"]) == 0.0]
-    return {"zeroed": len(zeroed) / len(cases), "ids": zeroed}
+def guard_reason(row: dict) -> str | None:
+    """Why the composite reward gives the row 0 on llm_judge before any judge sees it: the paper's answer guard (':',
+    '?', '__', one character) or medix's degenerate guard at its defaults (reward.guard, with the reference)."""
+    completion = f"<OTHER><thinking>Comparing with the findings.</thinking><answer>{row['prediction']}</answer>"
+    if answer_shortcut(extract_answer(completion), row["reference"]) == 0.0:
+        return "paper_guard"
+    return degenerate_reason(completion, row.get("question"), False, DegenerateGuardConfig(),
+                             reference=row["reference"])
+
+
+def reward_guard(cases: list[dict], controls: list[dict]) -> dict:
+    """Cases (and controls) the composite reward zeroes before any judge sees them, and why."""
+    reasons = {r["id"]: guard_reason(r) for r in cases + controls}
+    zeroed = [r["id"] for r in cases if reasons[r["id"]]]
+    return {"zeroed": len(zeroed) / len(cases), "ids": zeroed, "reasons": reasons,
+            "controls_zeroed": [r["id"] for r in controls if reasons[r["id"]]]}
+
+
+def through_reward(results: dict, name: str, cases: list[dict], controls: list[dict]) -> dict:
+    """The configured judge behind both guards, as the composite reward's llm_judge sees a row: YES only when no
+    guard stopped it and the judge said YES."""
+    reasons = results["reward_guard"]["reasons"]
+    out = {}
+    for group, rows in (("cases", cases), ("controls", controls)):
+        verdicts = {r["id"]: r["after"] for r in results[name][group]["rows"]}
+        yes = [r["id"] for r in rows if reasons[r["id"]] is None and verdicts[r["id"]] == 1.0]
+        out[group] = {"yes": len(yes) / len(rows), "yes_ids": yes}
+    return out
 
 
 def main() -> None:
@@ -103,17 +131,25 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
     cases = load_rows(Path(args.cases))
-    controls = [r for r in load_rows(Path(args.controls)) if r["label"] == "YES" and r.get("split", "check") == "check"]
+    if all("label" in r for r in cases):  # a file with its own controls (heldout_cases.jsonl): YES rows
+        controls = [r for r in cases if r["label"] == "YES"]
+        cases = [r for r in cases if r["label"] == "NO"]
+    else:
+        controls = [r for r in load_rows(Path(args.controls))
+                    if r["label"] == "YES" and r.get("split", "check") == "check"]
     results = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "cases": len(cases), "controls": len(controls),
-               "reward_guard": reward_guard(cases)}
+               "cpus": os.cpu_count(), "cases_file": args.cases, "cases": len(cases), "controls": len(controls),
+               "reward_guard": reward_guard(cases, controls)}
     if "rule" in args.judges:
         results["rule"] = rule_results(cases, controls, max_chars=1000)
     for name in args.judges:
         if name != "rule":
             results[name] = ask_local(name, cases, controls, Path(args.cache_dir))
+            results[name]["through_reward"] = through_reward(results, name, cases, controls)
     Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    print(f"cases={len(cases)} controls={len(controls)}; reward guard zeroes {results['reward_guard']['zeroed']:.0%}")
+    guard = results["reward_guard"]
+    print(f"cases={len(cases)} controls={len(controls)}; the reward's guards zero {guard['zeroed']:.0%} of the cases "
+          f"and {len(guard['controls_zeroed'])} controls {guard['controls_zeroed']}")
     if "rule" in results:
         r = results["rule"]
         print(f"rule: fooled {r['cases']['before']:.0%} -> {r['cases']['after']:.0%}; "
@@ -125,6 +161,9 @@ def main() -> None:
         for variant in ("before/contains", "after/configured"):
             c, k = loc["cases"][variant], loc["controls"][variant]
             print(f"{name} {variant}: fooled {c['yes']:.0%}; controls YES {k['yes']:.0%}; {loc['seconds']:.0f} s")
+        c, k = loc["through_reward"]["cases"], loc["through_reward"]["controls"]
+        print(f"{name} through the reward (guards, then the judge): fooled {c['yes']:.0%} {c['yes_ids']}; "
+              f"controls YES {k['yes']:.0%}")
 
 
 if __name__ == "__main__":
