@@ -58,8 +58,9 @@ def compare(inputs: Path, outputs: Path) -> dict:
             "judge_failures": failed, "by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())}}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def cli(write_split, compare_files, rows: str, description: str | None = None) -> None:
+    """`write [--split tune|check] OUT` and `compare INPUTS OUTPUTS`, the two steps around `medix.score`."""
+    p = argparse.ArgumentParser(description=description)
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write")
     w.add_argument("--split", choices=("tune", "check"), default="check")
@@ -69,10 +70,10 @@ def main() -> None:
     c.add_argument("outputs", type=Path)
     args = p.parse_args()
     if args.command == "write":
-        print(f"wrote {write(args.split, args.out)} {args.split} pairs to {args.out}")
+        print(f"wrote {write_split(args.split, args.out)} {args.split} {rows} to {args.out}")
     else:
-        print(json.dumps(compare(args.inputs, args.outputs), indent=1))
+        print(json.dumps(compare_files(args.inputs, args.outputs), indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    cli(write, compare, "pairs")

@@ -11,10 +11,10 @@ Rows keep the completion exactly as the policy wrote it, its solution, whether s
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from experiments.judge_agreement.score_pairs import cli
 from experiments.judge_degenerate.mcq_prompts import BENCHMARKS, items, problem
 
 LABELS = Path(__file__).resolve().parent / "labels.jsonl"
@@ -61,21 +61,5 @@ def compare(inputs: Path, outputs: Path) -> dict:
             "answers": answers}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write")
-    w.add_argument("--split", choices=("tune", "check"), default="check")
-    w.add_argument("out", type=Path)
-    c = sub.add_parser("compare")
-    c.add_argument("inputs", type=Path)
-    c.add_argument("outputs", type=Path)
-    args = p.parse_args()
-    if args.command == "write":
-        print(f"wrote {write(args.split, args.out)} {args.split} rows to {args.out}")
-    else:
-        print(json.dumps(compare(args.inputs, args.outputs), indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    cli(write, compare, "rows", __doc__.splitlines()[0])
