@@ -63,28 +63,28 @@ def test_score_end_to_end_calls_the_judge_only_for_valid_non_identical_answers_a
         first = run_score(tmp_path, *args)
         assert first.returncode == 0, first.stderr
         requests = server.chat_requests
-        assert sorted(judged_pair(b)[0] for b in requests) == ["Large pneumothorax", "pleural effusion",
-                                                               "pneumothorax"]
+        assert sorted(judged_pair(b)[0] for b in requests) == ["pleural effusion", "pneumothorax"]
         assert all(b["temperature"] == 0.0 and b["model"] == "Qwen/Qwen3-4B-Instruct-2507" for b in requests)
         out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
 
         second = run_score(tmp_path, *args[:1], f"output={tmp_path / 'again.jsonl'}", *args[2:])
         assert second.returncode == 0, second.stderr
-        assert len(server.chat_requests) == 3  # every verdict came from the judge cache
+        assert len(server.chat_requests) == 2  # every verdict came from the judge cache
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
-    assert re.search(r"judge/requests: 3\b", first.stdout) and re.search(r"judge/items: 3\b", first.stdout)
-    assert re.search(r"judge/requests: 0\b", second.stdout) and re.search(r"judge/cache_hits: 3\b", second.stdout)
+    assert re.search(r"judge/requests: 2\b", first.stdout) and re.search(r"judge/items: 2\b", first.stdout)
+    assert re.search(r"judge/requests: 0\b", second.stdout) and re.search(r"judge/cache_hits: 2\b", second.stdout)
 
     assert [r["id"] for r in out] == ["same", "one-char", "colon", "blank", "case", "wrong", "7"]
     by_id = {r["id"]: r for r in out}
     assert [by_id[i]["llm_judge"] for i in ("same", "one-char", "colon", "blank", "case", "wrong", "7")] == \
-        [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+        [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert [by_id[i]["embedding"] for i in ("same", "one-char", "colon", "blank")] == [1.0, 0.0, 0.0, 0.0]
     assert by_id["case"]["embedding"] == 1.0  # MiniLM: case-only difference is far above 0.8
     assert [r["format"] for r in out] == [1.0] * 6 + [0.0]
     assert [r["modality"] for r in out] == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
-    assert [r["guarded"] for r in out] == [None, None, None, "empty", None, None, None]  # the degenerate guard
-    assert re.search(r"reward/guarded_share: 0.1429\b", first.stdout)
+    # the degenerate guard: a blank answer, and a completion without an <answer> block (the paper would judge it)
+    assert [r["guarded"] for r in out] == [None, None, None, "empty", None, None, "no_answer_block"]
+    assert re.search(r"reward/guarded_share: 0.2857\b", first.stdout)
     for r in out:
         assert set(r) == {"id", "llm_judge", "embedding", "modality", "format", "overall", "guarded"}
         assert r["overall"] == pytest.approx(sum(w * r[c] for c, w in PAPER.items()))
