@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from experiments.judge_degenerate.score_set import LABELS
+from experiments.judge_degenerate.score_set import LABELS, load
 
 MEDIX_MINI = Path(__file__).resolve().parents[2] / "medix" / "data" / "medix_mini.jsonl"
 
@@ -25,7 +25,7 @@ def split_of(row: dict) -> str:
 
 
 def read(paths: list[Path]) -> list[dict]:
-    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    return [row for path in paths for row in load(path)]
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Multiple-choice training prompts from ../shared/benchmarks (MMLU medical subjects and MedMCQA, short questions,
 options written as `A. text` lines), for a harvest run whose policy can echo options. Written outside the project
-(benchmark items are not copied into it); `question_of` rebuilds a prompt from its id for score_set.py.
+(benchmark items are not copied into it); score_set.py rebuilds a prompt from its id with `items` and `problem`.
 
     python -m experiments.judge_degenerate.mcq_prompts /work/harvest/mcq.jsonl
 """
@@ -27,10 +27,6 @@ def items(benchmarks: Path = BENCHMARKS) -> dict[str, dict]:
             item = json.loads(line)
             out[item["id"]] = {**item, "benchmark": name}
     return out
-
-
-def question_of(item_id: str, benchmarks: Path = BENCHMARKS) -> str:
-    return problem(items(benchmarks)[item_id])
 
 
 def main() -> None:

@@ -25,10 +25,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 
+from medix.config import DegenerateGuardConfig
 from medix.judges import JudgeItem
 from medix.judges.config import register
 from medix.judges.prompts import parse_verdict
-from medix.config import DegenerateGuardConfig
 from medix.judges.rule import rule_match
 from medix.rewards.components import answer_shortcut
 from medix.rewards.guard import degenerate_reason

@@ -96,28 +96,28 @@ def longest_repeat(text: str, max_n: int = 3) -> int:
     return best
 
 
+def trigrams(word_list: list[str]) -> set[tuple[str, ...]]:
+    return {tuple(word_list[i:i + 3]) for i in range(len(word_list) - 2)}
+
+
 def echo_share(answer: str, question: str | None) -> float:
     """The share of the question's word 3-grams that the answer repeats; 0 when the answer holds a word the question
     lacks (an answer that restates the question adds its answer) or the question has under 3 words."""
     question_words = words(question or "")
-    grams = {tuple(question_words[i:i + 3]) for i in range(len(question_words) - 2)}
+    grams = trigrams(question_words)
     answer_words = words(_TAG.sub(" ", answer))
     if not grams or not set(answer_words) <= set(question_words):
         return 0.0
-    answer_grams = {tuple(answer_words[i:i + 3]) for i in range(len(answer_words) - 2)}
-    return len(grams & answer_grams) / len(grams)
+    return len(grams & trigrams(answer_words)) / len(grams)
 
 
 def copied_from_question(answer: str, question: str | None, min_words: int = 4) -> bool:
     """The answer is `min_words` or more words lifted from the question's stem (its option lines left out, so an
     option's text is an answer): every word 3-gram of the answer occurs there."""
-    stem = _OPTION_LINE.sub(" ", question or "")
-    stem_words = words(stem)
     answer_words = words(_TAG.sub(" ", answer))
     if len(answer_words) < min_words:
         return False
-    stem_grams = {tuple(stem_words[i:i + 3]) for i in range(len(stem_words) - 2)}
-    return all(tuple(answer_words[i:i + 3]) in stem_grams for i in range(len(answer_words) - 2))
+    return trigrams(answer_words) <= trigrams(words(_OPTION_LINE.sub(" ", question or "")))
 
 
 def names_nothing(answer: str) -> bool:
@@ -164,7 +164,8 @@ def degenerate_reason(completion: str, question: str | None, truncated: bool | N
     echo_share of the question, or is four or more words lifted from its stem), grader_address, denial (names the
     reference only to deny it), hedge (alternatives, or a long list, where the reference has neither).
     """
-    has_answer = bool(_ANSWER_BLOCK.search(normalize_completion(completion)))
+    text = normalize_completion(completion)
+    has_answer = bool(_ANSWER_BLOCK.search(text))
     if not has_answer and (bool(truncated) or looks_truncated(completion, reasoning_tag)):
         return "truncated"
     if not has_answer and settings.answer_block:
@@ -178,7 +179,7 @@ def degenerate_reason(completion: str, question: str | None, truncated: bool | N
         return "tag_soup"
     if longest_repeat(answer) >= settings.max_repeats:
         return "repetition"
-    if settings.single_answer and normalize_completion(completion).count("<answer>") > 1:
+    if settings.single_answer and text.count("<answer>") > 1:
         return "several_answers"
     options = multiple_choice_options(question)
     named = options_named(answer, options) if options else set()
