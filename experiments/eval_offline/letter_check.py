@@ -1,5 +1,7 @@
 """A judge-free cross-check of an evaluation's multiple-choice items: does the prediction commit to exactly one option
-letter, and is it the reference's? Set beside the judge's verdicts, it shows how lenient the judge is.
+letter, and is it the reference's? Set beside the judge's verdicts, it shows how lenient the judge is. The
+`option echoes` column counts the predictions that `medix.evaluate` scored 0 without a judge call because they name
+several options (`option_echo` in the item's row).
 
     python experiments/eval_offline/letter_check.py outputs/eval_offline
 
@@ -28,7 +30,7 @@ def committed_letter(prediction: str) -> str | None:
 def check(folder: Path) -> list[dict]:
     rows = []
     for items in sorted(folder.glob("*/items.jsonl")):
-        mcq = committed = letter_right = judged_right = agree = 0
+        mcq = committed = letter_right = judged_right = agree = echoes = 0
         for line in items.read_text().splitlines():
             item = json.loads(line)
             ref = REFERENCE_LETTER.match(item.get("reference") or "")
@@ -41,24 +43,28 @@ def check(folder: Path) -> list[dict]:
             letter_right += right
             judged = (item.get("score") or 0) >= 0.5
             judged_right += judged
+            echoes += bool(item.get("option_echo"))
             agree += judged == right
         if mcq:
             rows.append(dict(task=items.parent.name, mcq_items=mcq, committed=committed, letter_correct=letter_right,
-                             judge_correct=judged_right, agreement=round(agree / mcq, 3)))
+                             judge_correct=judged_right, option_echoes=echoes,
+                             agreement=round(agree / mcq, 3)))
     return rows
 
 
 def main() -> None:
     rows = check(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/eval_offline"))
-    print("| task | MCQ items | commits to one letter | letter correct | judge says correct | judge/letter agreement |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| task | MCQ items | commits to one letter | letter correct | judge says correct | option echoes "
+          "| judge/letter agreement |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['task']} | {r['mcq_items']} | {r['committed']} | {r['letter_correct']} | {r['judge_correct']} | "
-              f"{r['agreement']:.2f} |")
-    total = {k: sum(r[k] for r in rows) for k in ("mcq_items", "committed", "letter_correct", "judge_correct")}
+              f"{r['option_echoes']} | {r['agreement']:.2f} |")
+    total = {k: sum(r[k] for r in rows) for k in ("mcq_items", "committed", "letter_correct", "judge_correct",
+                                                  "option_echoes")}
     if total["mcq_items"]:
         print(f"| all | {total['mcq_items']} | {total['committed']} | {total['letter_correct']} | "
-              f"{total['judge_correct']} | |")
+              f"{total['judge_correct']} | {total['option_echoes']} | |")
 
 
 if __name__ == "__main__":
