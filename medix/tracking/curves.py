@@ -51,6 +51,17 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
+def seed_band(histories: list[tuple[list[int], list[float]]], window: int = 1):
+    """Mean and spread over seeds of one metric: `histories` holds each seed's (steps, values); returns (steps, mean,
+    low, high) over the steps every history logged, each history first smoothed by a running mean of `window`."""
+    smoothed = [dict(zip(steps, running_mean(values, window))) for steps, values in histories if steps]
+    if not smoothed:
+        return [], [], [], []
+    steps = sorted(set.intersection(*(set(h) for h in smoothed)))
+    columns = [[h[s] for h in smoothed] for s in steps]
+    return (steps, [sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns])
+
+
 def final_values(tracking_uri: str, runs, keys: list[str]):
     """One row per run: label, reward_mix, algorithm and the last logged value of each key (NaN if never logged)."""
     import pandas as pd
@@ -65,25 +76,20 @@ def final_values(tracking_uri: str, runs, keys: list[str]):
     return pd.DataFrame(rows)
 
 
-def plot_curves(tracking_uri: str, runs, keys: list[str], *, smooth: int = 1, title: str | None = None,
-                path: str | Path | None = None, ncols: int = 3):
-    """One panel per metric key, one line per run (running mean over `smooth` steps; validation keys `val/...`, logged
-    every few steps, are not smoothed); saved to `path` if given."""
+def _panels(count: int, ncols: int):
+    """A figure with `count` panels on a grid of `ncols` columns."""
     import matplotlib.pyplot as plt
 
-    nrows = -(-len(keys) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        window = 1 if key.startswith("val/") else smooth
-        for index, (_, run) in enumerate(runs.iterrows()):
-            steps, values = metric_history(tracking_uri, run.run_id, key)
-            if steps:  # one colour per run in every panel, also where an earlier run never logged the key
-                ax.plot(steps, running_mean(values, window), marker="." if len(steps) < 30 else None, label=run.label,
-                        color=f"C{index % 10}")
-        ax.set_title(key if window == 1 else f"{key} (mean of {window})", fontsize=9)
+    nrows = -(-count // ncols)
+    return plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+
+
+def _finish_panels(fig, axes, used: int, title: str | None, path: str | Path | None):
+    """Step axes and grids on the used panels, the rest hidden, one legend below (from the first panel), saved."""
+    for ax in list(axes.flat)[:used]:
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
@@ -96,16 +102,55 @@ def plot_curves(tracking_uri: str, runs, keys: list[str], *, smooth: int = 1, ti
     return fig
 
 
+def plot_curves(tracking_uri: str, runs, keys: list[str], *, smooth: int = 1, title: str | None = None,
+                path: str | Path | None = None, ncols: int = 3):
+    """One panel per metric key, one line per run (running mean over `smooth` steps; validation keys `val/...`, logged
+    every few steps, are not smoothed); saved to `path` if given."""
+    fig, axes = _panels(len(keys), ncols)
+    for ax, key in zip(axes.flat, keys):
+        window = 1 if key.startswith("val/") else smooth
+        for index, (_, run) in enumerate(runs.iterrows()):
+            steps, values = metric_history(tracking_uri, run.run_id, key)
+            if steps:  # one colour per run in every panel, also where an earlier run never logged the key
+                ax.plot(steps, running_mean(values, window), marker="." if len(steps) < 30 else None, label=run.label,
+                        color=f"C{index % 10}")
+        ax.set_title(key if window == 1 else f"{key} (mean of {window})", fontsize=9)
+    return _finish_panels(fig, axes, len(keys), title, path)
+
+
+def plot_seed_bands(tracking_uri: str, runs, keys: list[str], *, by: str = "label", smooth: int = 1,
+                    title: str | None = None, path: str | Path | None = None, ncols: int = 3):
+    """One panel per metric key, one line per group of runs (`by`, e.g. the reward mix): the mean over the group's
+    runs (seeds) with the band from their lowest to their highest value (see seed_band); saved to `path` if given."""
+    fig, axes = _panels(len(keys), ncols)
+    groups = list(runs.groupby(by, sort=False))
+    for ax, key in zip(axes.flat, keys):
+        window = 1 if key.startswith("val/") else smooth
+        for index, (name, group) in enumerate(groups):
+            histories = [metric_history(tracking_uri, run_id, key) for run_id in group.run_id]
+            steps, mean, low, high = seed_band(histories, window)
+            if steps:
+                colour = f"C{index % 10}"
+                ax.plot(steps, mean, color=colour, marker="." if len(steps) < 4 else None,
+                        label=f"{name} (n={sum(bool(h[0]) for h in histories)})")
+                ax.fill_between(steps, low, high, color=colour, alpha=0.2)
+        ax.set_title(key if window == 1 else f"{key} (mean of {window})", fontsize=9)
+    return _finish_panels(fig, axes, len(keys), title, path)
+
+
 def plot_final_bars(table, keys: list[str], *, by: str = "label", title: str | None = None,
                     path: str | Path | None = None):
-    """Grouped bars: for each key, the final value of each row of `table` (see final_values), grouped by `by`."""
+    """Grouped bars: for each key, the mean final value of the rows of `table` (see final_values) in each group of
+    `by`, with a bar from the group's lowest to its highest value where it has more than one row (seeds)."""
     import matplotlib.pyplot as plt
 
     grouped = table.groupby(by, sort=False)[keys].mean()
+    low, high = table.groupby(by, sort=False)[keys].min(), table.groupby(by, sort=False)[keys].max()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(keys) * max(len(grouped), 1) / 2), 3.8))
     width = 0.8 / max(len(grouped), 1)
     for i, (name, row) in enumerate(grouped.iterrows()):
-        ax.bar([k + i * width for k in range(len(keys))], row.values, width, label=str(name))
+        spread = [row.values - low.loc[name].values, high.loc[name].values - row.values]
+        ax.bar([k + i * width for k in range(len(keys))], row.values, width, label=str(name), yerr=spread, capsize=2)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))])
     ax.set_xticklabels([k.replace("/mean", "") for k in keys], rotation=20, fontsize=8)
     ax.set_ylabel("final value")
