@@ -1,7 +1,8 @@
-"""Plot and summarise the reward ablation from its MLflow DB: per-component training curves of each reward mix, the
-completion length, the final validation rewards (every mix validated with the composite), the reward-hacking
-monitor's alerts, and how many sampled completions are degenerate (the paper's collapse: short or symbol answers,
-tag-only answers, repeated tokens), early and late, with the last step's completions.
+"""Plot and summarise the reward ablation from its MLflow DB: per-component training curves of each reward mix as the
+mean over seeds with the band from the lowest to the highest seed, the final validation rewards (every mix validated
+with the composite), the reward-hacking monitor's alerts, the share of completions the reward's degenerate guard
+stopped, and how many sampled completions look degenerate by this script's own rule (independent of the guard),
+early and late, with the last step's completions.
 Usage (repository root): python -m experiments.reward_ablation.plot [--db experiments/reward_ablation/mlflow.db]"""
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 from medix.rewards.parsing import extract_answer  # noqa: E402
-from medix.tracking.curves import final_values, load_runs, plot_curves, plot_final_bars, reward_keys  # noqa: E402
+from medix.tracking.curves import (final_values, load_runs, metric_history, plot_final_bars,  # noqa: E402
+                                   plot_seed_bands, reward_keys)
 
 HERE = Path(__file__).parent
+EXPERIMENT = "reward_ablation_seeds"
+WINDOW = 6  # steps averaged at the start and the end of a run
+MIXES = ("composite", "llm_only", "embed_only", "llm_embed")  # the table's and the legend's order
 
 
 FORM_TAGS = re.compile(r"</?(thinking|answer)>|<[A-Z_]+>")  # the required form's own tags (and modality tags)
@@ -44,6 +49,14 @@ def degeneracy(completion: str) -> str | None:
     return None
 
 
+def mix_name(signature: str) -> str:
+    """The conf/reward choice a weight signature (`llm0.517-emb0.338-mod0.045-fmt0.1`) stands for in this study:
+    the mix that zeroes the judge, the embedding or the modality tag, else the composite."""
+    weights = dict(re.findall(r"([a-z]+)([0-9.e-]+)(?:-|$)", signature))
+    zero = [k for k, v in weights.items() if float(v) == 0]
+    return {("llm",): "embed_only", ("emb",): "llm_only", ("mod",): "llm_embed"}.get(tuple(zero), "composite")
+
+
 def sample_tables(client, run_id: str) -> list[dict]:
     """The run's `samples/step_*.json` tables (MLflow log_table), oldest first, as dicts of columns."""
     tables = []
@@ -55,16 +68,35 @@ def sample_tables(client, run_id: str) -> list[dict]:
     return tables
 
 
-def degenerate_share(tables: list[dict]) -> tuple[float, dict[str, int]]:
-    kinds: dict[str, int] = {}
-    total = 0
+def degenerate_share(tables: list[dict]) -> float:
+    completions = [c for table in tables for c in table["completion"]]
+    return sum(degeneracy(c) is not None for c in completions) / len(completions) if completions else float("nan")
+
+
+def reward_by_guard(tables: list[dict]) -> tuple[float, float]:
+    """The mean total reward of the sampled completions the degenerate guard stopped, and of the others: what garbage
+    still earns from the components the guard does not cover (NaN where there are none)."""
+    paid: dict[bool, list[float]] = {True: [], False: []}
     for table in tables:
-        for completion in table["completion"]:
-            total += 1
-            kind = degeneracy(completion)
-            if kind:
-                kinds[kind] = kinds.get(kind, 0) + 1
-    return (sum(kinds.values()) / total if total else float("nan")), kinds
+        for reason, reward in zip(table.get("guarded") or [None] * len(table["overall"]), table["overall"]):
+            paid[bool(reason)].append(reward)
+    return tuple(sum(v) / len(v) if v else float("nan") for v in (paid[True], paid[False]))
+
+
+def start_end(uri: str, run_id: str, key: str) -> tuple[float, float]:
+    """The mean of a metric over the first and over the last WINDOW steps of a run (NaN where never logged)."""
+    _, values = metric_history(uri, run_id, key)
+    if not values:
+        return float("nan"), float("nan")
+    return sum(values[:WINDOW]) / len(values[:WINDOW]), sum(values[-WINDOW:]) / len(values[-WINDOW:])
+
+
+def spread(values: list[float]) -> str:
+    """'mean [min, max]' over seeds."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
+    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 def main() -> None:
@@ -75,32 +107,65 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--db", default=str(HERE / "mlflow.db"))
-    parser.add_argument("--show", type=int, default=3, help="completions of the last step to print per run")
+    parser.add_argument("--show", type=int, default=2, help="completions of the last step to print per run")
     args = parser.parse_args()
     uri = f"sqlite:///{args.db}"
-    runs = load_runs(uri, ["reward_ablation"])
-    runs = runs.groupby("tags.reward_mix", sort=False).tail(1).copy()  # the latest finished run of each mix
-    runs["label"] = runs["tags.reward_mix"]
-    plot_curves(uri, runs, reward_keys() + ["completion/mean_length"], smooth=3,
-                title="reward ablation: training reward by component", path=HERE / "reward_ablation_curves.png")
-    table = final_values(uri, runs, reward_keys() + reward_keys("val/") + ["completion/mean_length"])
-    plot_final_bars(table, reward_keys("val/"), title="reward ablation: final validation reward (composite)",
-                    path=HERE / "reward_ablation_final.png")
-    print(table.round(3).to_string(index=False))
+    runs = load_runs(uri, [EXPERIMENT])
+    runs["label"] = runs["tags.reward_mix"].map(mix_name)
+    runs = runs.groupby(["label", "params.seed"], sort=False).tail(1)  # the latest finished run of each mix and seed
+    order = {name: i for i, name in enumerate(MIXES)}
+    runs = runs.sort_values(["label", "params.seed"], key=lambda c: c.map(lambda v: order.get(v, str(v))))
+    runs = runs.reset_index(drop=True)
+    plot_seed_bands(uri, runs, reward_keys() + ["reward/guarded_share", "completion/mean_length"], smooth=3,
+                    title="reward ablation, mean and range over seeds: training reward by component", ncols=4,
+                    path=HERE / "reward_ablation_curves.png")
+    finals = final_values(uri, runs, reward_keys("val/"))
+    finals["label"] = runs["label"]
+    plot_final_bars(finals, reward_keys("val/"), title="reward ablation: validation with the composite at the last step "
+                    "(mean, range over seeds)", path=HERE / "reward_ablation_final.png")
+
     client = mlflow.MlflowClient(uri)
-    for _, run in runs.iterrows():
-        tables = sample_tables(client, run.run_id)
-        half = len(tables) // 2
-        early, late = degenerate_share(tables[:half]), degenerate_share(tables[half:])
-        print(f"\n## {run.label} ({run.run_id})")
-        print(f"reward_hacking alert: {run.get('tags.reward_hacking') or 'none'}")
-        print(f"degenerate completions: first half of the steps {early[0]:.2f} {early[1]}, "
-              f"second half {late[0]:.2f} {late[1]}")
-        if tables:
-            last = tables[-1]
-            for i in range(min(args.show, len(last["completion"]))):
-                print(f"  step {last['step'][i]} reward {last['overall'][i]:.3f} | {last['solution'][i]!r}\n"
-                      f"    {last['completion'][i][:300]!r}")
+    rows = []
+    for label, group in runs.groupby("label", sort=False):
+        cells: dict[str, list] = {}
+        for _, run in group.iterrows():
+            for key, name in [("reward/llm_judge/mean", "judge"), ("reward/format/mean", "format"),
+                              ("completion/mean_length", "length"), ("reward/guarded_share", "guarded")]:
+                start, end = start_end(uri, run.run_id, key)
+                cells.setdefault(f"{name} start", []).append(start)
+                cells.setdefault(f"{name} end", []).append(end)
+            tables = sample_tables(client, run.run_id)
+            half = len(tables) // 2
+            cells.setdefault("degenerate start", []).append(degenerate_share(tables[:half]))
+            cells.setdefault("degenerate end", []).append(degenerate_share(tables[half:]))
+            guarded_pay, unguarded_pay = reward_by_guard(tables[half:])
+            cells.setdefault("reward of guarded, end", []).append(guarded_pay)
+            cells.setdefault("reward of unguarded, end", []).append(unguarded_pay)
+            alert_steps, _ = metric_history(uri, run.run_id, "reward_hacking/alert")
+            cells.setdefault("alerts", []).append(alert_steps)
+            val = finals.loc[finals.index[runs.run_id == run.run_id][0]]
+            cells.setdefault("val composite", []).append(val["val/reward/overall/mean"])
+            cells.setdefault("val judge", []).append(val["val/reward/llm_judge/mean"])
+            print(f"\n## {label}, seed {run['params.seed']} ({run.run_id}): val composite "
+                  f"{val['val/reward/overall/mean']:.3f}, alert steps {alert_steps or 'none'}, last message: "
+                  f"{(run.get('tags.reward_hacking') or 'none')[:200]}")
+            if tables:
+                last = tables[-1]
+                for i in range(min(args.show, len(last["completion"]))):
+                    print(f"  step {last['step'][i]} reward {last['overall'][i]:.3f} guarded "
+                          f"{last.get('guarded', ['?'] * (i + 1))[i]!r} | {last['completion'][i][:240]!r}")
+        row = {"mix": label, "seeds": len(group)}
+        for key, values in cells.items():
+            if key == "alerts":
+                row["runs with an alert"] = f"{sum(bool(s) for s in values)}/{len(values)} (first at " + \
+                    ", ".join(str(s[0]) if s else "-" for s in values) + ")"
+            else:
+                row[key] = spread(values)
+        row["val composite by seed"] = ", ".join(f"{v:.3f}" for v in cells["val composite"])
+        rows.append(row)
+    print("\n| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row.values()) + " |")
 
 
 if __name__ == "__main__":
