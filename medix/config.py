@@ -79,7 +79,8 @@ class TinyVLMBackbone(CausalLMBackbone):
 # ---- reward, embedder -------------------------------------------------------------------------------------------
 @dataclass
 class DegenerateGuardConfig:
-    """medix.rewards.guard: answers that score 0 on llm_judge without a judge call (counted in reward/guarded_share):
+    """medix.rewards.guard: answers that score 0 on `components` (llm_judge by default) without calling them (counted in
+    reward/guarded_share):
     truncated at the token cap without <answer>…</answer>, empty or form-only, tag soup, a repeated token or n-gram,
     an echo of the question or of a multiple-choice question's options, text addressed to the grader, a denial of
     the reference, a hedge. The paper's own guard (empty, one character, `__`, `:`, `?`) always applies."""
@@ -94,6 +95,9 @@ class DegenerateGuardConfig:
     grader_address: bool = True  # text for the grader: a verdict, a dictated YES, ground-truth lines, chat tokens
     denial: bool = True  # the answer names a word of the reference only to deny it ("pneumothorax is ruled out")
     hedge_items: int = 6  # hedge: alternatives ("or") the reference lacks, or a list of more items; 0 = off
+    # the components a guarded completion scores 0 on, never called for it; add embedding so that garbage earns no
+    # similarity either (experiments/reward_ablation: with the continuous embedding, garbage earned as much as the rest)
+    components: list[str] = field(default_factory=lambda: ["llm_judge"])
 
 
 @dataclass

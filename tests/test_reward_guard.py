@@ -40,6 +40,11 @@ def form(answer, tag="<X_RAY>"):
      "repetition"),
     (form("<X_RAY><thinking></thinking>"), QUESTION, False, "empty"),
     (form(" ... "), QUESTION, False, "empty"),
+    (form("This question and findings point to this answer."), QUESTION, False, "non_answer"),
+    # judged YES in experiments/reward_ablation's seeded runs (2026-12-07)
+    (form("A question and the findings point to the answer."), QUESTION, False, "non_answer"),
+    (form("This question and the findings point to the question related to the question."), QUESTION, False,
+     "non_answer"),
 ])
 def test_degenerate_outputs_are_guarded(completion, question, truncated, reason):
     assert degenerate_reason(completion, question, truncated, SETTINGS) == reason
@@ -51,6 +56,7 @@ def test_degenerate_outputs_are_guarded(completion, question, truncated, reason)
     (form("B. Aspirin"), MCQ),
     (form("Aspirin"), MCQ),
     (form("B"), MCQ),
+    (form("A"), MCQ),  # alone, "a" is an option letter, not an article
     (form("Vitamin D deficiency."), MCQ),
     (form("A right upper lobe mass with a small effusion"), QUESTION),
     (form("The right lung shows a pneumothorax"), QUESTION),  # restates the question and adds the answer
@@ -144,7 +150,11 @@ class CountingJudge:
 
 
 class FixedEmbedder:
+    def __init__(self):
+        self.predictions = []
+
     def similarity(self, a, b):
+        self.predictions.extend(a)
         return [0.1] * len(a)
 
 
@@ -169,6 +179,24 @@ def test_the_default_reward_gives_guarded_answers_zero_without_a_judge_call_and_
     assert batch.guarded == ["question_echo", "truncated", None, "option_echo", "denial"]  # denial: by the reference
     assert reward_metrics(batch)["reward/guarded_share"] == pytest.approx(0.8)
     assert reward_metrics(batch.select([2]))["reward/guarded_share"] == 0.0
+
+
+def test_guarded_answers_keep_their_similarity_unless_the_guard_also_covers_the_embedding():
+    completions = [form("Right pneumothorax"), form("effusion effusion effusion effusion effusion")]
+    continuous = "reward.components.embedding.mode=continuous"  # as in experiments/reward_ablation
+    reward, _ = built(continuous)
+    assert reward(completions, ["<X_RAY> Pneumothorax"] * 2).components["embedding"] == [0.1, 0.1]
+    reward, judge = built(continuous, "reward.guard.components=[llm_judge,embedding]")
+    batch = reward(completions, ["<X_RAY> Pneumothorax"] * 2)
+    assert batch.guarded == [None, "repetition"]
+    assert batch.components["embedding"] == [0.1, 0.0] and batch.components["llm_judge"] == [1.0, 0.0]
+    assert reward.components["embedding"].embedder.predictions == ["Right pneumothorax"]  # garbage never embedded
+    assert batch.overall[1] == pytest.approx(reward.weights["format"] + reward.weights["modality"])  # form and tag only
+
+
+def test_a_guarded_component_that_does_not_exist_is_named():
+    with pytest.raises(ConfigError, match=r"reward\.guard\.components names 'similarity'"):
+        build(compose_reward("judge=rule", "reward.guard.components=[llm_judge,similarity]").reward)
 
 
 def test_the_paper_presets_keep_the_papers_guard_only():

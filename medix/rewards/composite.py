@@ -13,7 +13,6 @@ from medix.rewards.guard import degenerate_reason
 
 PAPER_COMPONENTS = ("llm_judge", "embedding", "modality", "format")
 SEMANTICS = ("medix", "paper")
-GUARDED_COMPONENT = "llm_judge"  # the component the degenerate guard gives 0 without a call
 
 
 @dataclass
@@ -117,7 +116,8 @@ def build_component(name: str, cfg):
 class CompositeReward:
     """Scores a batch of completions against `"<TAG> answer"` solutions with every component whose weight is > 0
     (a component with weight 0 is never built: embed_only starts no judge), and weights them into `overall`. With
-    the degenerate guard (reward.guard), a guarded completion scores 0 on llm_judge without a judge call."""
+    the degenerate guard (reward.guard), a guarded completion scores 0 on reward.guard.components (llm_judge by
+    default) without calling them."""
 
     def __init__(self, weights, components, semantics: str = "medix", guard=None, reasoning_tag: str = "thinking"):
         """`components`: by name, the config (`_target_` + arguments) of each component, or (from Python) the
@@ -128,6 +128,10 @@ class CompositeReward:
         self.guard = guard_settings(guard) if semantics == "medix" else None
         self.reasoning_tag = reasoning_tag
         self.weights = validate_weights(weights, components)
+        for name in self.guard.components if self.guard is not None else ():
+            if name not in self.weights:
+                raise ConfigError(f"reward.guard.components names {name!r}, which is no component; use one of "
+                                  f"{', '.join(self.weights)}")
         self.components = {}
         for name, spec in components.items():
             if self.weights[name] == 0:
@@ -147,8 +151,8 @@ class CompositeReward:
         guarded = self.guarded(completions, references, columns) if self.guard is not None else None
         scores = {name: [None] * n for name in self.weights}
         for name, component in self.components.items():
-            if name == GUARDED_COMPONENT and guarded is not None:
-                scores[name] = self.judged_unguarded(component, guarded, completions, solutions, columns)
+            if guarded is not None and name in self.guard.components:
+                scores[name] = self.scored_unguarded(name, component, guarded, completions, solutions, columns)
             else:
                 scores[name] = checked(name, component(completions, solutions, **columns), n)
         overall = [weighted_overall({c: scores[c][i] for c in scores}, self.weights) for i in range(n)]
@@ -162,14 +166,14 @@ class CompositeReward:
                 for c, q, t, reference in zip(completions, questions, truncated, references)]
 
     @staticmethod
-    def judged_unguarded(component, guarded, completions, solutions, columns) -> list[float | None]:
+    def scored_unguarded(name, component, guarded, completions, solutions, columns) -> list[float | None]:
         """0.0 for every guarded row; the component called on the other rows only."""
         rows = [i for i, reason in enumerate(guarded) if reason is None]
         out: list[float | None] = [0.0] * len(completions)
         if rows:
             picked = {key: None if values is None else [values[i] for i in rows] for key, values in columns.items()}
             values = component([completions[i] for i in rows], [solutions[i] for i in rows], **picked)
-            for i, value in zip(rows, checked(GUARDED_COMPONENT, values, len(rows))):
+            for i, value in zip(rows, checked(name, values, len(rows))):
                 out[i] = value
         return out
 

@@ -37,7 +37,7 @@ _VERDICT_WORD = re.compile(r"\bY\s?E\s?S\b")  # an upper-case YES (or Y E S) whe
 # ("a" is left out: it is an option letter.)
 _META_WORDS = frozenset("""an the this that these those it its is are was be to of in on at for and or with as by
     from here there so which what question questions answer answers finding findings point points solution response
-    prompt task image scenario given following final""".split())
+    prompt task image scenario given following final related""".split())
 # The alternatives of a hedge ("gout or pseudogout", "either ... or ...").
 _ALTERNATIVE = re.compile(r"\b(?:or|either)\b", re.IGNORECASE)
 
@@ -121,8 +121,11 @@ def copied_from_question(answer: str, question: str | None, min_words: int = 4) 
 
 
 def names_nothing(answer: str) -> bool:
-    """Every word of the answer talks about the task (`question`, `answer`, `findings`, `point`, articles)."""
-    return set(words(_TAG.sub(" ", answer))) <= _META_WORDS
+    """Every word of the answer talks about the task (`question`, `answer`, `findings`, `point`, articles); `a` counts
+    as an article beside other words, and as an option letter alone."""
+    answer_words = words(_TAG.sub(" ", answer))
+    meta = _META_WORDS | {"a"} if len(answer_words) > 1 else _META_WORDS
+    return set(answer_words) <= meta
 
 
 def addresses_grader(answer: str, reference: str | None = None) -> bool:
