@@ -49,12 +49,11 @@ def degeneracy(completion: str) -> str | None:
     return None
 
 
-def mix_name(signature: str) -> str:
-    """The conf/reward choice a weight signature (`llm0.517-emb0.338-mod0.045-fmt0.1`) stands for in this study:
-    the mix that zeroes the judge, the embedding or the modality tag, else the composite."""
-    weights = dict(re.findall(r"([a-z]+)([0-9.e-]+)(?:-|$)", signature))
-    zero = [k for k, v in weights.items() if float(v) == 0]
-    return {("llm",): "embed_only", ("emb",): "llm_only", ("mod",): "llm_embed"}.get(tuple(zero), "composite")
+def mix_name(run) -> str:
+    """The conf/reward choice a run's logged weights (`params.reward.weights.*`) stand for in this study: the mix that
+    zeroes the judge, the embedding or the modality tag, else the composite."""
+    zero = tuple(c for c in ("llm_judge", "embedding", "modality") if float(run[f"params.reward.weights.{c}"]) == 0)
+    return {("llm_judge",): "embed_only", ("embedding",): "llm_only", ("modality",): "llm_embed"}.get(zero, "composite")
 
 
 def sample_tables(client, run_id: str) -> list[dict]:
@@ -111,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     uri = f"sqlite:///{args.db}"
     runs = load_runs(uri, [EXPERIMENT])
-    runs["label"] = runs["tags.reward_mix"].map(mix_name)
+    runs["label"] = runs.apply(mix_name, axis=1)
     runs = runs.groupby(["label", "params.seed"], sort=False).tail(1)  # the latest finished run of each mix and seed
     order = {name: i for i, name in enumerate(MIXES)}
     runs = runs.sort_values(["label", "params.seed"], key=lambda c: c.map(lambda v: order.get(v, str(v))))
@@ -119,8 +118,7 @@ def main() -> None:
     plot_seed_bands(uri, runs, reward_keys() + ["reward/guarded_share", "completion/mean_length"], smooth=3,
                     title="reward ablation, mean and range over seeds: training reward by component", ncols=4,
                     path=HERE / "reward_ablation_curves.png")
-    finals = final_values(uri, runs, reward_keys("val/"))
-    finals["label"] = runs["label"]
+    finals = final_values(uri, runs, reward_keys("val/"))  # one row per run, in the order of runs
     plot_final_bars(finals, reward_keys("val/"), title="reward ablation: validation with the composite at the last step "
                     "(mean, range over seeds)", path=HERE / "reward_ablation_final.png")
 
@@ -128,7 +126,7 @@ def main() -> None:
     rows = []
     for label, group in runs.groupby("label", sort=False):
         cells: dict[str, list] = {}
-        for _, run in group.iterrows():
+        for index, run in group.iterrows():
             for key, name in [("reward/llm_judge/mean", "judge"), ("reward/format/mean", "format"),
                               ("completion/mean_length", "length"), ("reward/guarded_share", "guarded")]:
                 start, end = start_end(uri, run.run_id, key)
@@ -143,7 +141,7 @@ def main() -> None:
             cells.setdefault("reward of unguarded, end", []).append(unguarded_pay)
             alert_steps, _ = metric_history(uri, run.run_id, "reward_hacking/alert")
             cells.setdefault("alerts", []).append(alert_steps)
-            val = finals.loc[finals.index[runs.run_id == run.run_id][0]]
+            val = finals.loc[index]
             cells.setdefault("val composite", []).append(val["val/reward/overall/mean"])
             cells.setdefault("val judge", []).append(val["val/reward/llm_judge/mean"])
             print(f"\n## {label}, seed {run['params.seed']} ({run.run_id}): val composite "

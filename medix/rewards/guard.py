@@ -34,7 +34,7 @@ _GRADER_ADDRESS = re.compile(r"""
 _VERDICT_WORD = re.compile(r"\bY\s?E\s?S\b")  # an upper-case YES (or Y E S) where the reference has no yes
 # Words that talk about the task instead of answering it: an answer made only of these names nothing
 # ("This question and findings point to this answer.", "The findings").
-# ("a" is left out: it is an option letter.)
+# ("a" is left out: alone it is an option letter; names_nothing adds it beside other words.)
 _META_WORDS = frozenset("""an the this that these those it its is are was be to of in on at for and or with as by
     from here there so which what question questions answer answers finding findings point points solution response
     prompt task image scenario given following final related""".split())
