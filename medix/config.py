@@ -83,7 +83,7 @@ class DegenerateGuardConfig:
     reward/guarded_share):
     truncated at the token cap without <answer>…</answer>, empty or form-only, tag soup, a repeated token or n-gram,
     an echo of the question or of a multiple-choice question's options, text addressed to the grader, a denial of
-    the reference, a hedge. The paper's own guard (empty, one character, `__`, `:`, `?`) always applies."""
+    the reference, a hedge, the reference set aside for another answer. The paper's own guard (empty, one character, `__`, `:`, `?`) always applies."""
 
     enabled: bool = True  # false: the paper's guard only (the paper presets)
     answer_block: bool = True  # no <answer>…</answer> in the completion: no judge call (false: judge the whole text)
@@ -95,6 +95,8 @@ class DegenerateGuardConfig:
     grader_address: bool = True  # text for the grader: a verdict, a dictated YES, ground-truth lines, chat tokens
     denial: bool = True  # the answer names a word of the reference only to deny it ("pneumothorax is ruled out")
     hedge_items: int = 6  # hedge: alternatives ("or") the reference lacks, or a list of more items; 0 = off
+    set_aside: bool = True  # the reference named only as a first thought, a distractor or a concession ("while x is
+    # typical, ..."), and something else answered
     # the components a guarded completion scores 0 on, never called for it; add embedding so that garbage earns no
     # similarity either (experiments/reward_ablation: with the continuous embedding, garbage earned as much as the rest)
     components: list[str] = field(default_factory=lambda: ["llm_judge"])

@@ -16,9 +16,10 @@ _PUNCTUATION = str.maketrans({ch: " " for ch in string.punctuation})
 
 # Words that negate the words after them ("no evidence of pneumonia", "not pneumonia", "without pneumonia").
 NEGATION_CUES = frozenset({"no", "not", "without", "absence", "absent", "negative", "never", "neither", "nor", "non",
-                           "deny", "denies", "denied", "excluding", "lacks", "lacking"})
+                           "deny", "denies", "denied", "excluding", "lacks", "lacking", "nothing"})
 # Words that negate the words before them ("pneumonia is ruled out", "pneumonia was excluded", "... is absent").
-TRAILING_CUES = frozenset({"excluded", "absent", "unlikely"})
+TRAILING_CUES = frozenset({"excluded", "absent", "unlikely", "rejected", "dismissed", "discarded", "refuted",
+                           "disproved", "disproven"})
 # "<x> is not seen": a `not` negates the words before it only with one of these after it ("x and not y" denies y).
 NOT_FOLLOWERS = frozenset({"present", "seen", "identified", "visualized", "visualised", "visible", "detected",
                            "found", "evident", "observed", "noted", "demonstrated", "appreciated", "shown"})
@@ -33,11 +34,16 @@ _CLAUSE_BREAK = re.compile(r"[.;,!?\n()\[\]]+|\b(?:but|however|although|though|w
 _COMPOUND = re.compile(r"\b(non)[-\s](?=\w)|(?<=\w)-(negative|positive)\b", re.IGNORECASE)
 _CONTRACTIONS = ((re.compile(r"\bcan['’]t\b"), "cannot"), (re.compile(r"\bwon['’]t\b"), "will not"),
                  (re.compile(r"n['’]t\b"), " not"))
+# Phrases read as a cue: "free of x", "y rather than x", "y instead of x", "argues against x" negate x; "x cannot be
+# seen" reads "x not seen" (and "x cannot be excluded" stays "x not excluded", which keeps x possible).
+_CUE_PHRASES = ((re.compile(r"\b(?:free\s+of|rather\s+than|instead\s+of|(?:argues|argue|speaks|speak|points|point)"
+                            r"\s+against)\b"), "no"),
+                (re.compile(r"\bcan\s*not\s+be\b"), "not"))
 
 
 def _expand(text: str) -> str:
     text = text.lower()
-    for pattern, replacement in _CONTRACTIONS:
+    for pattern, replacement in _CONTRACTIONS + _CUE_PHRASES:
         text = pattern.sub(replacement, text)
     return text
 

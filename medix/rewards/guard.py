@@ -1,6 +1,6 @@
 """The degenerate-answer guard: pure rules that tell a policy's garbage (tag soup, echoes of the question or of its
 options, repeated tokens, empty or form-only answers, truncated text without an answer) and its attempts to buy a YES
-(text addressed to the grader, the reference named and denied, a hedge over alternatives) from an answer worth
+(text addressed to the grader, the reference named and denied or set aside, a hedge over alternatives) from an answer worth
 judging."""
 
 from __future__ import annotations
@@ -38,6 +38,15 @@ _VERDICT_WORD = re.compile(r"\bY\s?E\s?S\b")  # an upper-case YES (or Y E S) whe
 _META_WORDS = frozenset("""an the this that these those it its is are was be to of in on at for and or with as by
     from here there so which what question questions answer answers finding findings point points solution response
     prompt task image scenario given following final related""".split())
+# The clauses of an answer, and the words that open a concessive one ("while x is typical, ...").
+_CLAUSE = re.compile(r"[.;,!?()\[\]\n]+|\b(but|however|yet|whereas|although|though|while|instead|actually)\b",
+                     re.IGNORECASE)
+_CONCESSIVE = frozenset({"whereas", "although", "though", "while"})
+# A clause that names something only to set it aside: "x was my first thought", "many would say x", "x is the
+# distractor", "x was considered and rejected".
+_SET_ASIDE = re.compile(r"""\b(?:distract[oe]rs?|red\s+herring|first\s+(?:thought|impression|guess)|tempting|initially
+    |at\s+first|(?:would|might|could)\s+(?:say|think|guess)|considered\s+and|rejected|dismissed|set\s+aside)\b""",
+                        re.IGNORECASE | re.VERBOSE)
 # The alternatives of a hedge ("gout or pseudogout", "either ... or ...").
 _ALTERNATIVE = re.compile(r"\b(?:or|either)\b", re.IGNORECASE)
 
@@ -147,6 +156,28 @@ def hedges(answer: str, reference: str | None, max_items: int) -> bool:
     return len(items) > max(max_items, len(reference_items))
 
 
+def sets_aside(answer: str, reference: str | None, min_letters: int = 4) -> bool:
+    """The clauses that name the reference best (the most of its words of `min_letters` or more) all set it aside — a
+    concessive clause (`while x is typical, ...`) or one that calls it a first thought, a distractor, what many would
+    say, considered and rejected — and another clause says something else."""
+    reference_words = {w for w in words(reference or "") if len(w) >= min_letters}
+    clauses, opener = [], None
+    for part in _CLAUSE.split(answer):
+        if part is None or not part.strip(" ,.;!?()[]\n"):
+            continue
+        if part.lower() in _CONCESSIVE | {"but", "however", "yet", "instead", "actually"}:
+            opener = part.lower()
+            continue
+        clauses.append((part, opener in _CONCESSIVE))
+        opener = None
+    overlap = [len(reference_words & set(words(text))) for text, _ in clauses]
+    naming = [clause for clause, n in zip(clauses, overlap) if n and n == max(overlap)]  # those naming it best
+    if not naming or len(naming) == len(clauses):
+        return False
+    markers_in_reference = bool(_SET_ASIDE.search(reference or ""))
+    return all(concessive or (not markers_in_reference and _SET_ASIDE.search(text)) for text, concessive in naming)
+
+
 def looks_truncated(completion: str, reasoning_tag: str) -> bool:
     """The text opens the reasoning or answer tag and never closes it (a completion cut at the token cap)."""
     text = normalize_completion(completion)
@@ -165,7 +196,8 @@ def degenerate_reason(completion: str, question: str | None, truncated: bool | N
     tag_soup, repetition, several_answers (two or more <answer> tags, with settings.single_answer), option_echo
     (names two or more and at least option_share of a multiple-choice question's options), question_echo (repeats
     echo_share of the question, or is four or more words lifted from its stem), grader_address, denial (names the
-    reference only to deny it), hedge (alternatives, or a long list, where the reference has neither).
+    reference only to deny it), hedge (alternatives, or a long list, where the reference has neither), set_aside
+    (names the reference only as a first thought, a distractor or a concession, and answers something else).
     """
     text = normalize_completion(completion)
     has_answer = bool(_ANSWER_BLOCK.search(text))
@@ -198,4 +230,6 @@ def degenerate_reason(completion: str, question: str | None, truncated: bool | N
         return "denial"
     if settings.hedge_items and hedges(answer, reference, settings.hedge_items):
         return "hedge"
+    if settings.set_aside and sets_aside(answer, reference):
+        return "set_aside"
     return None
