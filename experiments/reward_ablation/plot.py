@@ -3,7 +3,8 @@ mean over seeds with the band from the lowest to the highest seed, the final val
 with the composite), the reward-hacking monitor's alerts, the share of completions the reward's degenerate guard
 stopped, and how many sampled completions look degenerate by this script's own rule (independent of the guard),
 early and late, with the last step's completions.
-Usage (repository root): python -m experiments.reward_ablation.plot [--db experiments/reward_ablation/mlflow.db]"""
+Usage (repository root): python -m experiments.reward_ablation.plot [--db experiments/reward_ablation/mlflow.db]
+    [--experiment reward_ablation_seeds] [--figures reward_ablation] (figures <prefix>_curves.png, <prefix>_final.png)"""
 
 from __future__ import annotations
 
@@ -106,10 +107,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--db", default=str(HERE / "mlflow.db"))
+    parser.add_argument("--experiment", default=EXPERIMENT, help="the MLflow experiment (logger.experiment_name)")
+    parser.add_argument("--figures", default="reward_ablation", help="file name prefix of the two figures")
     parser.add_argument("--show", type=int, default=2, help="completions of the last step to print per run")
     args = parser.parse_args()
     uri = f"sqlite:///{args.db}"
-    runs = load_runs(uri, [EXPERIMENT])
+    runs = load_runs(uri, [args.experiment])
     runs["label"] = runs.apply(mix_name, axis=1)
     runs = runs.groupby(["label", "params.seed"], sort=False).tail(1)  # the latest finished run of each mix and seed
     order = {name: i for i, name in enumerate(MIXES)}
@@ -117,10 +120,10 @@ def main() -> None:
     runs = runs.reset_index(drop=True)
     plot_seed_bands(uri, runs, reward_keys() + ["reward/guarded_share", "completion/mean_length"], smooth=3,
                     title="reward ablation, mean and range over seeds: training reward by component", ncols=4,
-                    path=HERE / "reward_ablation_curves.png")
+                    path=HERE / f"{args.figures}_curves.png")
     finals = final_values(uri, runs, reward_keys("val/"))  # one row per run, in the order of runs
     plot_final_bars(finals, reward_keys("val/"), title="reward ablation: validation with the composite at the last step "
-                    "(mean, range over seeds)", path=HERE / "reward_ablation_final.png")
+                    "(mean, range over seeds)", path=HERE / f"{args.figures}_final.png")
 
     client = mlflow.MlflowClient(uri)
     rows = []

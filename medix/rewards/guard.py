@@ -41,6 +41,7 @@ _META_WORDS = frozenset("""an the this that these those it its is are was be to 
 # The clauses of an answer, and the words that open a concessive one ("while x is typical, ...").
 _CLAUSE = re.compile(r"[.;,!?()\[\]\n]+|\b(but|however|yet|whereas|although|though|while|instead|actually)\b",
                      re.IGNORECASE)
+_OPENERS = frozenset({"but", "however", "yet", "whereas", "although", "though", "while", "instead", "actually"})
 _CONCESSIVE = frozenset({"whereas", "although", "though", "while"})
 # A clause that names something only to set it aside: "x was my first thought", "many would say x", "x is the
 # distractor", "x was considered and rejected".
@@ -165,7 +166,7 @@ def sets_aside(answer: str, reference: str | None, min_letters: int = 4) -> bool
     for part in _CLAUSE.split(answer):
         if part is None or not part.strip(" ,.;!?()[]\n"):
             continue
-        if part.lower() in _CONCESSIVE | {"but", "however", "yet", "instead", "actually"}:
+        if part.lower() in _OPENERS:  # the captured word that opens the next clause
             opener = part.lower()
             continue
         clauses.append((part, opener in _CONCESSIVE))
