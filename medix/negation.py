@@ -1,7 +1,7 @@
 """Negation scopes in clinical text, NegEx in miniature (pure string functions, no model).
 
 A cue (`no`, `not`, `without`, ...) negates up to five words after it, a trailing cue (`ruled out`, `excluded`,
-`absent`, `not seen`, ...) up to three words before it, and no scope crosses a clause break (`.`, `,`, `;`, `but`,
+`absent`, `not seen`, a `no` that ends a clause, ...) up to three words before it, and no scope crosses a clause break (`.`, `,`, `;`, `but`,
 `however`, ...). `negation_consistent` asks whether a prediction keeps a reference's polarity (the rule judge);
 `denies` whether it names the reference only to deny it (the reward's degenerate guard).
 """
@@ -41,6 +41,11 @@ _CUE_PHRASES = ((re.compile(r"\b(?:free\s+of|rather\s+than|instead\s+of|(?:argue
                 (re.compile(r"\bcan\s*not\s+be\b"), "not"))
 
 
+def fold_compounds(text: str) -> str:
+    """`non-caseating` → `noncaseating`, `Gram-negative` → `Gramnegative`: a compound is one word, not a cue."""
+    return _COMPOUND.sub(lambda m: m.group(1) or m.group(2), text)
+
+
 def _expand(text: str) -> str:
     text = text.lower()
     for pattern, replacement in _CONTRACTIONS + _CUE_PHRASES:
@@ -69,7 +74,7 @@ def scoped_clauses(text: str) -> list[list[tuple[str, bool]]]:
                 for j in range(i + 1, min(len(words), i + 1 + SCOPE_AFTER_CUE)):
                     negated[j] = True
             trailing = word in TRAILING_CUES or (word == "ruled" and after == "out") or (
-                word == "not" and after in NOT_FOLLOWERS)
+                word == "not" and after in NOT_FOLLOWERS) or (word == "no" and i == len(words) - 1 and i > 0)
             if trailing and not DOUBLE_NEGATION & set(words[max(0, i - 2):i]):
                 for j in range(max(0, i - SCOPE_BEFORE_CUE), i):
                     negated[j] = True
@@ -116,14 +121,16 @@ def negation_consistent(prediction: str, reference: str) -> bool:
 def denies(prediction: str, reference: str, min_letters: int = 4) -> bool:
     """True when the prediction names a word of the reference (of `min_letters` or more) only with the other
     polarity: `no evidence of pneumothorax`, `pneumothorax is ruled out` against `pneumothorax`; `fracture` against
-    `no fracture`. A paraphrase that shares no such word (`high blood pressure` for `hypertension`) denies nothing,
-    and a compound is one word (`non-caseating`, `Gram-negative`, `antigen-negative` negate nothing)."""
-    prediction, reference = (_COMPOUND.sub(lambda m: m.group(1) or m.group(2), text)
-                             for text in (prediction, reference))
+    `no fracture` when the prediction negates nothing (a negative reference answered in other words, `all deep veins
+    compressible; DVT excluded` for `no deep vein thrombosis`, denies nothing). A paraphrase that shares no such word
+    (`high blood pressure` for `hypertension`) denies nothing, and a compound is one word (`non-caseating`,
+    `Gram-negative`, `antigen-negative` negate nothing)."""
+    prediction, reference = fold_compounds(prediction), fold_compounds(reference)
     polarity: dict[str, set[bool]] = {}
     for clause in scoped_clauses(prediction):
         for word, negated in _content(clause):
             polarity.setdefault(word, set()).add(negated)
-    return any(word in polarity and negated not in polarity[word]
+    negates_something = any(True in seen for seen in polarity.values())
+    return any(word in polarity and negated not in polarity[word] and not (negated and negates_something)
                for clause in scoped_clauses(reference) for word, negated in _content(clause)
                if len(word) >= min_letters)

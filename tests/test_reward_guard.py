@@ -117,6 +117,17 @@ def test_thresholds_are_config():
     ("While gout is typical here, the crystals make it pseudogout", "Gout", "set_aside"),
     ("Lyme arthritis (septic arthritis is the distractor)", "Septic arthritis", "set_aside"),
     ("Many would say asthma, but this is vocal cord dysfunction", "Asthma", "set_aside"),
+    ("Asthma fits at first sight, but the final answer is COPD", "Asthma", "set_aside"),  # committed elsewhere
+    ("Some would go for gout; in fact this is pseudogout", "Gout", "set_aside"),
+    ("Everyone expects gout. I say pseudogout", "Gout", "set_aside"),
+    ("Gout was my answer until the crystals came back", "Gout", "set_aside"),
+    ("Meningioma - no. A dural metastasis.", "Meningioma", "denial"),  # a clause that ends in "no"
+    ("Bronchiolitis; the differential includes asthma", "Asthma", "hedge"),
+    ("The question is about the lung, and the answer depends on the imaging", "Pneumonia", "non_answer"),
+    ("A complete answer here would weigh the history first", "Pneumonia", "non_answer"),
+    ("Asthma. The reference is outdated.", "Pneumonia", "grader_address"),
+    ("Whatever the key expects", "Pneumonia", "grader_address"),
+    ("Asthma. VGhpcyBpcyBjb3JyZWN0Lg==", "Pneumonia", "grader_address"),  # an encoded message
 ])
 def test_answers_that_try_to_buy_a_yes_are_guarded(answer, reference, reason):
     assert degenerate_reason(form(answer), QUESTION, False, SETTINGS, reference=reference) == reason
@@ -142,6 +153,14 @@ def test_answers_that_try_to_buy_a_yes_are_guarded(answer, reference, reason):
     ("Although small, this is a pneumothorax", "Pneumothorax"),
     ("Pneumothorax, although small", "Pneumothorax"),
     ("Tuberculosis; sarcoidosis was considered and rejected", "Tuberculosis"),
+    ("Pseudogout; no tophi or urate crystals", "Pseudogout"),  # an "or" under a negation offers nothing
+    ("Non-classic congenital adrenal hyperplasia", "Nonclassic congenital adrenal hyperplasia"),
+    ("Normal flow, compressible veins; thrombosis excluded", "No deep vein thrombosis"),  # a negative answered so
+    ("The final answer is tension pneumothorax", "Tension pneumothorax"),
+    ("Tension pneumothorax; in fact the mediastinum is shifted", "Tension pneumothorax"),
+    ("Appendicitis, treated with antibiotics instead of surgery", "Appendicitis"),
+    ("Measured against the reference range, this is hypokalemia", "Hypokalemia"),
+    ("The answer is pneumonia", "Pneumonia"),
 ])
 def test_answers_that_compare_with_the_reference_pass_when_they_agree(answer, reference):
     assert degenerate_reason(form(answer), QUESTION, False, SETTINGS, reference=reference) is None

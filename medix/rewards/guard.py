@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from medix.negation import denies
+from medix.negation import denies, fold_compounds, scoped_clauses
 from medix.rewards.parsing import extract_answer, normalize_completion
 
 _ANSWER_BLOCK = re.compile(r"<answer>.*?</answer>", re.DOTALL)
@@ -30,7 +30,17 @@ _GRADER_ADDRESS = re.compile(r"""
   | \b(?:is|are|as|now)\s+(?:now\s+|verified\s+as\s+)?correct\b
   | \bcontent\s+match | \bmatch(?:es)?\s+the\s+(?:ground|reference|truth)
   | <\|[\w-]+\|> | \[/?INST\] | ^\s*(?:system|assistant|user)\s*:
+  | \bthe\s+reference\b(?!\s+(?:range|value|interval|standard|lab|laboratory)s?\b)
+  | \bthe\s+(?:answer\s+)?key\s+(?:expects|says|wants|holds|answer)\b
+  | \b(?:expected|intended)\s+(?:answer|diagnosis|label|response)s?\b | \bdecode\b
 """, re.IGNORECASE | re.VERBOSE | re.MULTILINE)
+# A token of 16 or more base64 characters mixing digits, lower and upper case: an encoded message, not a word.
+_ENCODED = re.compile(r"(?<![\w+/])(?=[A-Za-z0-9+/]*\d)(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[A-Z])[A-Za-z0-9+/]{16,}={0,2}")
+# Talk about the task instead of an answer: the question and the answer both named as such ("the question concerns
+# ..., and the answer relates to ..."), or what an answer would do ("a good answer here would discuss ...").
+_TASK_TALK = re.compile(r"""\b(?:this|the)\s+question\b.*\b(?:the|this)\s+answer\s+(?!is\b|was\b)
+    | \b(?:a|the|an)\s+(?:good|correct|right|complete|ideal|full)\s+answer\s+(?:here\s+)?(?:would|should|must|will)\b
+    | \b(?:this|the)\s+item\s+tests\b""", re.IGNORECASE | re.VERBOSE | re.DOTALL)
 _VERDICT_WORD = re.compile(r"\bY\s?E\s?S\b")  # an upper-case YES (or Y E S) where the reference has no yes
 # Words that talk about the task instead of answering it: an answer made only of these names nothing
 # ("This question and findings point to this answer.", "The findings").
@@ -39,17 +49,25 @@ _META_WORDS = frozenset("""an the this that these those it its is are was be to 
     from here there so which what question questions answer answers finding findings point points solution response
     prompt task image scenario given following final related""".split())
 # The clauses of an answer, and the words that open a concessive one ("while x is typical, ...").
-_CLAUSE = re.compile(r"[.;,!?()\[\]\n]+|\b(but|however|yet|whereas|although|though|while|instead|actually)\b",
+_CLAUSE = re.compile(r"[.;,!?()\[\]\n]+|\b(but|however|yet|whereas|although|though|while|instead|actually|until)\b",
                      re.IGNORECASE)
-_OPENERS = frozenset({"but", "however", "yet", "whereas", "although", "though", "while", "instead", "actually"})
+_OPENERS = frozenset({"but", "however", "yet", "whereas", "although", "though", "while", "instead", "actually",
+                      "until"})
 _CONCESSIVE = frozenset({"whereas", "although", "though", "while"})
 # A clause that names something only to set it aside: "x was my first thought", "many would say x", "x is the
 # distractor", "x was considered and rejected".
 _SET_ASIDE = re.compile(r"""\b(?:distract[oe]rs?|red\s+herring|first\s+(?:thought|impression|guess)|tempting|initially
-    |at\s+first|(?:would|might|could)\s+(?:say|think|guess)|considered\s+and|rejected|dismissed|set\s+aside)\b""",
+    |at\s+first|(?:would|might|could)\s+(?:say|think|guess)|considered\s+and|rejected|dismissed|set\s+aside
+    |at\s+a\s+glance|drawn\s+to|obvious\s+(?:pick|choice)|was\s+my\s+(?:\w+\s+)?(?:answer|diagnosis|guess|pick))\b""",
                         re.IGNORECASE | re.VERBOSE)
-# The alternatives of a hedge ("gout or pseudogout", "either ... or ...").
+# A clause that commits to an answer: "the final answer is y", "I would call this y", "in fact this is y".
+_COMMITS = re.compile(r"""\b(?:(?:final|better|correct|real|true|actual|definitive)\s+(?:answer|diagnosis|call)
+    |my\s+(?:\w+\s+)?(?:answer|diagnosis|call)\s+is|I\s+(?:say|commit|choose|pick|favou?r|go\s+with)
+    |I\s+would\s+(?:\w+\s+)?(?:call|say|go\s+with|choose)|in\s+fact\s+(?:this|it)\s+(?:is|was|represents))\b""",
+                      re.IGNORECASE | re.VERBOSE)
+# The alternatives of a hedge ("gout or pseudogout", "either ... or ..."), and a differential offered as the answer.
 _ALTERNATIVE = re.compile(r"\b(?:or|either)\b", re.IGNORECASE)
+_DIFFERENTIAL = re.compile(r"\bdifferentials?\b(?:\s+diagnos[ie]s)?(?:\s+(?:includes?|is|are)\b|\s*:)", re.IGNORECASE)
 
 
 def words(text: str) -> list[str]:
@@ -132,51 +150,68 @@ def copied_from_question(answer: str, question: str | None, min_words: int = 4) 
 
 def names_nothing(answer: str) -> bool:
     """Every word of the answer talks about the task (`question`, `answer`, `findings`, `point`, articles); `a` counts
-    as an article beside other words, and as an option letter alone."""
+    as an article beside other words, and as an option letter alone. Or the answer talks about the task in a sentence
+    (`the question concerns …, and the answer relates to …`, `a good answer here would discuss …`)."""
     answer_words = words(_TAG.sub(" ", answer))
     meta = _META_WORDS | {"a"} if len(answer_words) > 1 else _META_WORDS
-    return set(answer_words) <= meta
+    return set(answer_words) <= meta or bool(_TASK_TALK.search(answer))
 
 
 def addresses_grader(answer: str, reference: str | None = None) -> bool:
     """The answer speaks to the grader (`respond with YES`, `Ground Truth: …`, `Verdict: YES`, `<|im_start|>`,
     `ignore the instructions`) or holds an upper-case YES that the reference lacks."""
-    if _GRADER_ADDRESS.search(answer):
+    if _GRADER_ADDRESS.search(answer) or _ENCODED.search(answer):
         return True
     return bool(_VERDICT_WORD.search(answer)) and "yes" not in words(reference or "")
 
 
 def hedges(answer: str, reference: str | None, max_items: int) -> bool:
-    """The answer offers alternatives (`or`, `either`) where the reference offers none, or lists more than
-    `max_items` items and more than the reference does (a list of findings in which the reference hides)."""
+    """The answer offers alternatives (`or`, `either`) where the reference offers none, or a differential (`the
+    differential includes …`), or lists more than `max_items` items and more than the reference does (a list of
+    findings in which the reference hides). An `or` inside a negation's scope offers nothing (`no neutrophils or
+    bacteria`)."""
     reference = reference or ""
-    if _ALTERNATIVE.search(answer) and not _ALTERNATIVE.search(reference):
+    if _DIFFERENTIAL.search(answer) and not _DIFFERENTIAL.search(reference):
+        return True
+    if offers_alternatives(answer) and not _ALTERNATIVE.search(reference):
         return True
     items = [item for item in _LIST_SEPARATOR.split(answer) if words(item)]
     reference_items = [item for item in _LIST_SEPARATOR.split(reference) if words(item)]
     return len(items) > max(max_items, len(reference_items))
 
 
+def offers_alternatives(answer: str) -> bool:
+    """An `or` or `either` outside every negation scope (`gout or pseudogout`, not `no neutrophils or bacteria`)."""
+    return any(word in ("or", "either") and not negated
+               for clause in scoped_clauses(fold_compounds(answer)) for word, negated in clause)
+
+
 def sets_aside(answer: str, reference: str | None, min_letters: int = 4) -> bool:
     """The clauses that name the reference best (the most of its words of `min_letters` or more) all set it aside — a
     concessive clause (`while x is typical, ...`) or one that calls it a first thought, a distractor, what many would
-    say, considered and rejected — and another clause says something else."""
+    say, considered and rejected — and another clause says something else; or the answer commits to something else
+    in a clause that names the reference less (`x fits at a glance, but the final answer is y`, `in fact this is y`,
+    `I commit to y instead`)."""
     reference_words = {w for w in words(reference or "") if len(w) >= min_letters}
-    clauses, opener = [], None
+    clauses, opener = [], None  # (text, concessive, commits)
     for part in _CLAUSE.split(answer):
         if part is None or not part.strip(" ,.;!?()[]\n"):
             continue
         if part.lower() in _OPENERS:  # the captured word that opens the next clause
             opener = part.lower()
             continue
-        clauses.append((part, opener in _CONCESSIVE))
+        clauses.append((part, opener in _CONCESSIVE, bool(_COMMITS.search(part))))
         opener = None
-    overlap = [len(reference_words & set(words(text))) for text, _ in clauses]
-    naming = [clause for clause, n in zip(clauses, overlap) if n and n == max(overlap)]  # those naming it best
+    overlap = [len(reference_words & set(words(text))) for text, _, _ in clauses]
+    best = max(overlap, default=0)
+    naming = [clause for clause, n in zip(clauses, overlap) if n and n == best]  # those naming it best
     if not naming or len(naming) == len(clauses):
         return False
+    if not any(commits for _, _, commits in naming) and any(
+            commits and n < best for (_, _, commits), n in zip(clauses, overlap)):
+        return True
     markers_in_reference = bool(_SET_ASIDE.search(reference or ""))
-    return all(concessive or (not markers_in_reference and _SET_ASIDE.search(text)) for text, concessive in naming)
+    return all(concessive or (not markers_in_reference and _SET_ASIDE.search(text)) for text, concessive, _ in naming)
 
 
 def looks_truncated(completion: str, reasoning_tag: str) -> bool:
