@@ -69,11 +69,18 @@ def ask_local(name: str, cases: list[dict], controls: list[dict], cache_dir: Pat
             items = [JudgeItem(r.get("question"), r["prediction"], r["reference"]) for r in rows]
             p_yes = judge.probabilities(items) if cfg.scoring == "logprob" else None
             after = judge.score(items)
+            # the reward judges the answer it extracts; where that is not the whole prediction (a forged </answer>),
+            # through_reward needs the judge's verdict on what the reward would send
+            cut = {i: extract_answer(reward_completion(r)) for i, r in enumerate(rows)}
+            cut = {i: a for i, a in cut.items() if a != rows[i]["prediction"]}
+            cut_verdicts = dict(zip(cut, judge.score([JudgeItem(rows[i].get("question"), a, rows[i]["reference"])
+                                                      for i, a in cut.items()]))) if cut else {}
             n = len(rows)
             out[group] = {
                 "before/contains": {"yes": sum(parse_verdict(t, "contains") == 1.0 for t in before) / n},
                 "after/configured": {"yes": sum(v == 1.0 for v in after) / n, "unusable": sum(v is None for v in after) / n},
-                "rows": [{"id": r["id"], "before": t, "after": v, "p_yes": None if p_yes is None else p_yes[i]}
+                "rows": [{"id": r["id"], "before": t, "after": v, "p_yes": None if p_yes is None else p_yes[i],
+                          **({"reward_answer": cut[i], "after_reward_answer": cut_verdicts[i]} if i in cut else {})}
                          for i, (r, t, v) in enumerate(zip(rows, before, after))],
             }
         out["seconds"] = time.perf_counter() - started
@@ -92,10 +99,15 @@ def rule_results(cases: list[dict], controls: list[dict], max_chars: int) -> dic
             "controls": {"before": yes_rate(controls, False), "after": yes_rate(controls, True)}}
 
 
+def reward_completion(row: dict) -> str:
+    """The row's prediction as a policy's completion in the required form."""
+    return f"<OTHER><thinking>Comparing with the findings.</thinking><answer>{row['prediction']}</answer>"
+
+
 def guard_reason(row: dict) -> str | None:
     """Why the composite reward gives the row 0 on llm_judge before any judge sees it: the paper's answer guard (':',
     '?', '__', one character) or medix's degenerate guard at its defaults (reward.guard, with the reference)."""
-    completion = f"<OTHER><thinking>Comparing with the findings.</thinking><answer>{row['prediction']}</answer>"
+    completion = reward_completion(row)
     if answer_shortcut(extract_answer(completion), row["reference"]) == 0.0:
         return "paper_guard"
     return degenerate_reason(completion, row.get("question"), False, DegenerateGuardConfig(),
@@ -112,11 +124,12 @@ def reward_guard(cases: list[dict], controls: list[dict]) -> dict:
 
 def through_reward(results: dict, name: str, cases: list[dict], controls: list[dict]) -> dict:
     """The configured judge behind both guards, as the composite reward's llm_judge sees a row: YES only when no
-    guard stopped it and the judge said YES."""
+    guard stopped it and the judge said YES to the answer the reward extracts (the whole prediction but for a forged
+    `</answer>`)."""
     reasons = results["reward_guard"]["reasons"]
     out = {}
     for group, rows in (("cases", cases), ("controls", controls)):
-        verdicts = {r["id"]: r["after"] for r in results[name][group]["rows"]}
+        verdicts = {r["id"]: r.get("after_reward_answer", r["after"]) for r in results[name][group]["rows"]}
         yes = [r["id"] for r in rows if reasons[r["id"]] is None and verdicts[r["id"]] == 1.0]
         out[group] = {"yes": len(yes) / len(rows), "yes_ids": yes}
     return out
