@@ -69,8 +69,8 @@ def ask_local(name: str, cases: list[dict], controls: list[dict], cache_dir: Pat
             items = [JudgeItem(r.get("question"), r["prediction"], r["reference"]) for r in rows]
             p_yes = judge.probabilities(items) if cfg.scoring == "logprob" else None
             after = judge.score(items)
-            # the reward judges the answer it extracts; where that is not the whole prediction (a forged </answer>),
-            # through_reward needs the judge's verdict on what the reward would send
+            # the reward judges the answer it extracts; where that is not the prediction as written (a final period
+            # dropped, a forged </answer> cut), through_reward needs the judge's verdict on what the reward sends
             cut = {i: extract_answer(reward_completion(r)) for i, r in enumerate(rows)}
             cut = {i: a for i, a in cut.items() if a != rows[i]["prediction"]}
             cut_verdicts = dict(zip(cut, judge.score([JudgeItem(rows[i].get("question"), a, rows[i]["reference"])
@@ -124,8 +124,7 @@ def reward_guard(cases: list[dict], controls: list[dict]) -> dict:
 
 def through_reward(results: dict, name: str, cases: list[dict], controls: list[dict]) -> dict:
     """The configured judge behind both guards, as the composite reward's llm_judge sees a row: YES only when no
-    guard stopped it and the judge said YES to the answer the reward extracts (the whole prediction but for a forged
-    `</answer>`)."""
+    guard stopped it and the judge said YES to the answer the reward extracts from the completion."""
     reasons = results["reward_guard"]["reasons"]
     out = {}
     for group, rows in (("cases", cases), ("controls", controls)):
