@@ -6,6 +6,7 @@ judging."""
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from medix.negation import denies, fold_compounds, scoped_clauses
 from medix.rewards.parsing import extract_answer, normalize_completion
@@ -157,10 +158,21 @@ def names_nothing(answer: str) -> bool:
     return set(answer_words) <= meta or bool(_TASK_TALK.search(answer))
 
 
+def mixes_scripts(text: str) -> bool:
+    """A word that mixes Latin and Cyrillic letters (`Gliоblastоma` with a Cyrillic `о`): text made to look like
+    words it is not (a mixed-script confusable, Unicode TR39). Greek is left out: `μg`, `μmol` mix it honestly."""
+    for word in _WORD.findall(text):
+        scripts = {unicodedata.name(ch, "").split(" ")[0] for ch in word if ch.isalpha()}
+        if {"LATIN", "CYRILLIC"} <= scripts:
+            return True
+    return False
+
+
 def addresses_grader(answer: str, reference: str | None = None) -> bool:
     """The answer speaks to the grader (`respond with YES`, `Ground Truth: …`, `Verdict: YES`, `<|im_start|>`,
-    `ignore the instructions`) or holds an upper-case YES that the reference lacks."""
-    if _GRADER_ADDRESS.search(answer) or _ENCODED.search(answer):
+    `ignore the instructions`, `the reference`), hides a message (base64, Cyrillic look-alikes inside Latin words) or
+    holds an upper-case YES that the reference lacks."""
+    if _GRADER_ADDRESS.search(answer) or _ENCODED.search(answer) or mixes_scripts(answer):
         return True
     return bool(_VERDICT_WORD.search(answer)) and "yes" not in words(reference or "")
 
