@@ -95,7 +95,8 @@ class DegenerateGuardConfig:
     grader_address: bool = True  # text for the grader: a verdict, a dictated YES, ground-truth lines, chat tokens,
     # the reference or the answer key named, an encoded message
     denial: bool = True  # the answer names a word of the reference only to deny it ("pneumothorax is ruled out")
-    hedge_items: int = 6  # hedge: alternatives ("or") the reference lacks, a differential, or a list of more items; 0 = off
+    hedge_items: int = 6  # hedge: alternatives ("or") the reference lacks, a differential, or a list of more
+    # items; 0 = off
     set_aside: bool = True  # the reference named only as a first thought, a distractor or a concession ("while x is
     # typical, ..."), and something else answered; or another answer committed to ("x fits, but the final answer is y")
     # the components a guarded completion scores 0 on, never called for it; add embedding so that garbage earns no

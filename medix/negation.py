@@ -1,9 +1,9 @@
 """Negation scopes in clinical text, NegEx in miniature (pure string functions, no model).
 
 A cue (`no`, `not`, `without`, ...) negates up to five words after it, a trailing cue (`ruled out`, `excluded`,
-`absent`, `not seen`, a `no` that ends a clause, ...) up to three words before it, and no scope crosses a clause break (`.`, `,`, `;`, `but`,
-`however`, ...). `negation_consistent` asks whether a prediction keeps a reference's polarity (the rule judge);
-`denies` whether it names the reference only to deny it (the reward's degenerate guard).
+`absent`, `not seen`, a `no` that ends a clause, ...) up to three words before it, and no scope crosses a clause break
+(`.`, `,`, `;`, `but`, `however`, ...). `negation_consistent` asks whether a prediction keeps a reference's polarity
+(the rule judge); `denies` whether it names the reference only to deny it (the reward's degenerate guard).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The degenerate-answer guard: pure rules that tell a policy's garbage (tag soup, echoes of the question or of its
 options, repeated tokens, empty or form-only answers, truncated text without an answer) and its attempts to buy a YES
-(text addressed to the grader, the reference named and denied or set aside, a hedge over alternatives) from an answer worth
-judging."""
+(text addressed to the grader, the reference named and denied or set aside, a hedge over alternatives) from an answer
+worth judging."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ _GRADER_ADDRESS = re.compile(r"""
   | \b(?:expected|intended)\s+(?:answer|diagnosis|label|response)s?\b | \bdecode\b
 """, re.IGNORECASE | re.VERBOSE | re.MULTILINE)
 # A token of 16 or more base64 characters mixing digits, lower and upper case: an encoded message, not a word.
-_ENCODED = re.compile(r"(?<![\w+/])(?=[A-Za-z0-9+/]*\d)(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[A-Z])[A-Za-z0-9+/]{16,}={0,2}")
+_ENCODED = re.compile(r"(?<![\w+/])(?=[A-Za-z0-9+/]*\d)(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[A-Z])"
+                      r"[A-Za-z0-9+/]{16,}={0,2}")
 # Talk about the task instead of an answer: the question and the answer both named as such ("the question concerns
 # ..., and the answer relates to ..."), or what an answer would do ("a good answer here would discuss ...").
 _TASK_TALK = re.compile(r"""\b(?:this|the)\s+question\b.*\b(?:the|this)\s+answer\s+(?!is\b|was\b)
@@ -50,10 +51,9 @@ _META_WORDS = frozenset("""an the this that these those it its is are was be to 
     from here there so which what question questions answer answers finding findings point points solution response
     prompt task image scenario given following final related""".split())
 # The clauses of an answer, and the words that open a concessive one ("while x is typical, ...").
-_CLAUSE = re.compile(r"[.;,!?()\[\]\n]+|\b(but|however|yet|whereas|although|though|while|instead|actually|until)\b",
-                     re.IGNORECASE)
 _OPENERS = frozenset({"but", "however", "yet", "whereas", "although", "though", "while", "instead", "actually",
                       "until"})
+_CLAUSE = re.compile(r"[.;,!?()\[\]\n]+|\b(" + "|".join(sorted(_OPENERS)) + r")\b", re.IGNORECASE)
 _CONCESSIVE = frozenset({"whereas", "although", "though", "while"})
 # A clause that names something only to set it aside: "x was my first thought", "many would say x", "x is the
 # distractor", "x was considered and rejected".
