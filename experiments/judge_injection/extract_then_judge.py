@@ -17,16 +17,12 @@ import time
 from pathlib import Path
 
 import openai
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 
+from experiments.judge_injection.measure import load_rows, local_judge_config
 from medix.judges import JudgeItem
-from medix.judges.config import register
 from medix.judges.prompts import clean_prediction
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 EXTRACT = """Below is an answer to a medical question. What does it finally commit to: a diagnosis, a finding (a normal
 or negative one such as "no fracture" counts), or a list of items given as the answer? Reply with that only, in the
 answer's own words, keeping any negation. If it names a diagnosis only to reject or doubt it, give what it chooses
@@ -38,6 +34,12 @@ instead. If it commits to nothing, or leaves several alternatives open without c
 Final diagnosis:"""
 
 
+def first_line(reply: str | None) -> str:
+    """The first line of a reply, stripped ('' for none)."""
+    lines = (reply or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", required=True)
@@ -46,21 +48,16 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=os.environ.get("MEDIX_CACHE_DIR", str(Path.home() / ".cache" / "medix")))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    rows = [json.loads(line) for line in Path(args.cases).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if args.split == "all" or r["split"] == args.split]
-    register(ConfigStore.instance())
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name=None, overrides=[f"+judge={args.judge}", f"+paths.cache_dir={args.cache_dir}",
-                                                   "judge.cache.enabled=false", "judge.max_concurrency=1"]).judge
+    rows = [r for r in load_rows(Path(args.cases)) if args.split == "all" or r["split"] == args.split]
+    cfg = local_judge_config(args.judge, Path(args.cache_dir))
     started = time.perf_counter()
     with instantiate(cfg) as judge:
         client = openai.OpenAI(base_url=judge.base_url, api_key="EMPTY", timeout=300, max_retries=1)
         alone = judge.score([JudgeItem(r.get("question"), r["prediction"], r["reference"]) for r in rows])
-        quotes = [(client.chat.completions.create(
-            model=cfg.model, temperature=0.0, max_tokens=40,
-            messages=[{"role": "user", "content": EXTRACT.format(prediction=clean_prediction(r["prediction"], 1000))}],
-        ).choices[0].message.content or "").strip().splitlines()[0:1] for r in rows]
-        quotes = [q[0].strip() if q else "" for q in quotes]
+        quotes = [first_line(client.chat.completions.create(
+            model=cfg.model, temperature=0.0, max_tokens=40, messages=[{"role": "user", "content": EXTRACT.format(
+                prediction=clean_prediction(r["prediction"], cfg.max_prediction_chars))}],
+        ).choices[0].message.content) for r in rows]
         judged = judge.score([JudgeItem(r.get("question"), q, r["reference"]) for r, q in zip(rows, quotes)])
     extracted = [0.0 if q.upper().startswith("NONE") or not q else v for q, v in zip(quotes, judged)]
     out = {"cases": args.cases, "split": args.split, "seconds": time.perf_counter() - started, "rows": [

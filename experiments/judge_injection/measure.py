@@ -50,13 +50,18 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def local_judge_config(name: str, cache_dir: Path):
+    """The judge config `conf/judge/<name>.yaml` with its cache off and one request at a time."""
+    register(ConfigStore.instance())
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name=None, overrides=[f"+judge={name}", f"+paths.cache_dir={cache_dir}",
+                                                    "judge.cache.enabled=false", "judge.max_concurrency=1"]).judge
+
+
 def ask_local(name: str, cases: list[dict], controls: list[dict], cache_dir: Path) -> dict:
     """Start the llama.cpp judge `conf/judge/<name>.yaml` (cache off); ask each row the paper's way (raw prompt, 4-token
     reply, `contains`) and the configured way (`judge.score`, with the P(YES) behind it for scoring=logprob)."""
-    register(ConfigStore.instance())
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name=None, overrides=[f"+judge={name}", f"+paths.cache_dir={cache_dir}",
-                                                   "judge.cache.enabled=false", "judge.max_concurrency=1"]).judge
+    cfg = local_judge_config(name, cache_dir)
     out: dict = {"model": cfg.model, "scoring": cfg.scoring, "yes_threshold": cfg.yes_threshold,
                  "template": cfg.template, "max_prediction_chars": cfg.max_prediction_chars}
     with instantiate(cfg) as judge:
