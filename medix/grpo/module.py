@@ -25,6 +25,7 @@ from medix.memory import freed_memory_returned
 from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator,
                                mismatch_weights, policy_loss)
 from medix.models.base import native_gqa_attention
+from medix.models.lora import fused_lora
 from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
 from medix.rewards.composite import RewardBatch
 from medix.rewards.statistics import RewardStatistics
@@ -285,7 +286,8 @@ class GRPOModule(L.LightningModule):
         plan = self.plan(len(trained.rollout))
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         means = StepMeans()
-        with freed_memory_returned():  # the update's activations leave RSS when freed
+        # the update's activations leave RSS when freed; LoRA layers run fused (models/lora.py)
+        with freed_memory_returned(), fused_lora(self.model):
             batch = self.prepare(trained, plan)
             self.timings["reward_wait"] = batch.reward_wait_s
             self.model.train()  # HF models load in eval mode; activation checkpointing acts in train mode only
