@@ -57,17 +57,17 @@ class HFEngine:
         row_images = None if enc.row_images is None else [r for r in enc.row_images for _ in range(group_size)]
         inputs = {**sequence, **{k: v.to(device) for k, v in policy.image_inputs(row_images).items()}}
         synced_gpus = is_sharded(model)  # FSDP: every rank runs the decoding loop until all ranks are done
-        extra = {}
-        if (self.share_prompt_cache and group_size > 1 and self.cache_implementation is None and not inputs
-                and not synced_gpus and can_share_prompt(model) and enc.input_ids.shape[1] > 1):
-            cache = prompt_cache(model, enc.input_ids[:, :-1].to(device), enc.attention_mask[:, :-1].to(device))
-            rows = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
-            # generate feeds only the last prompt token, then samples
-            extra["past_key_values"] = group_cache(model, cache, rows, ids.shape[1] + sampling.max_new_tokens)
         eos = policy.eos_token_ids
         gathered = gathered_for_generation(model) if synced_gpus else contextlib.nullcontext()
         merged = lora_merged(model) if self.merge_lora and not synced_gpus else contextlib.nullcontext()
         with gathered, policy_sampling(model), merged:
+            extra = {}
+            if (self.share_prompt_cache and group_size > 1 and self.cache_implementation is None and not inputs
+                    and not synced_gpus and can_share_prompt(model) and enc.input_ids.shape[1] > 1):
+                cache = prompt_cache(model, enc.input_ids[:, :-1].to(device), enc.attention_mask[:, :-1].to(device))
+                rows = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+                # generate feeds only the last prompt token, then samples
+                extra["past_key_values"] = group_cache(model, cache, rows, ids.shape[1] + sampling.max_new_tokens)
             output = model.generate(
                 input_ids=ids, attention_mask=mask, **inputs, **extra,
                 do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
