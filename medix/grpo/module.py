@@ -21,7 +21,7 @@ from medix.errors import ConfigError, MedixError
 from medix.grpo.logprobs import completion_logprobs
 from medix.grpo.plan import MicroBatch, padded_plan, passes_per_step, update_plan
 from medix.grpo.producer import Produced, RolloutProducer, position_seed
-from medix.memory import freed_memory_returned
+from medix.memory import UPDATE_HEAP_BYTES, freed_memory_returned
 from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator,
                                mismatch_weights, policy_loss)
 from medix.models.base import native_gqa_attention
@@ -286,8 +286,8 @@ class GRPOModule(L.LightningModule):
         plan = self.plan(len(trained.rollout))
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         means = StepMeans()
-        # the update's activations leave RSS when freed; LoRA layers run fused (models/lora.py)
-        with freed_memory_returned(), fused_lora(self.model):
+        # the update's large blocks leave RSS when freed; LoRA layers run fused (models/lora.py)
+        with freed_memory_returned(heap_below=UPDATE_HEAP_BYTES), fused_lora(self.model):
             batch = self.prepare(trained, plan)
             self.timings["reward_wait"] = batch.reward_wait_s
             self.model.train()  # HF models load in eval mode; activation checkpointing acts in train mode only
