@@ -1,6 +1,8 @@
 """The fused LoRA linear layers (medix/models/lora.py) change no numbers: the update's log-probs and LoRA gradients
 equal peft's own forward, and peft's path still runs wherever the fused one does not apply."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -22,21 +24,23 @@ def lora_b_calls(model) -> list:
 
 
 def logprobs_and_lora_grads(model, fused: bool):
+    """Forward and backward inside the fused context, as GRPOModule.update runs them (under activation checkpointing
+    the backward recomputes the forward)."""
     input_ids, attention_mask, prompt_length = group_batch()
     model.zero_grad()
-    if fused:
-        with fused_lora(model):
-            logp, _ = completion_logprobs(model, input_ids, attention_mask, prompt_length)
-    else:
+    with fused_lora(model) if fused else contextlib.nullcontext():
         logp, _ = completion_logprobs(model, input_ids, attention_mask, prompt_length)
-    (logp * torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype).view_as(logp)).sum().backward()
+        (logp * torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype).view_as(logp)).sum().backward()
     return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_lora_gives_peft_logprobs_and_gradients(dtype):
+@pytest.mark.parametrize("dtype,checkpointing", [(torch.float64, False), (torch.float32, False),
+                                                 (torch.float64, True)])
+def test_fused_lora_gives_peft_logprobs_and_gradients(dtype, checkpointing):
     """tiny_qwen2's q/v projections carry a bias (frozen), and its adapters start with B non-zero."""
     model = tiny_qwen2(lora=True).to(dtype).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
     calls = lora_b_calls(model)
     plain, plain_grads = logprobs_and_lora_grads(model, fused=False)
     assert len(calls) > 0
