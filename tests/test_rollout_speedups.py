@@ -208,6 +208,25 @@ def test_lora_merged_runs_the_adapted_weights_and_gives_the_original_tensors_bac
     assert torch.equal(after, adapted)  # the adapters are on again
 
 
+def test_lora_merged_keeps_the_bias_of_lora_b():
+    """peft's lora_bias=True adds a bias to B's output, which W + s * B @ A cannot hold: such a model samples with
+    its adapters as they are (the bias included), not with a merged weight that drops it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_qwen2(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    lora_bias=True, init_lora_weights=False)).eval()
+    biases = [b.bias for m in model.modules() if hasattr(m, "lora_B") for b in m.lora_B.values()]
+    assert biases
+    with torch.no_grad():
+        for bias in biases:
+            bias.normal_(0, 1.0)
+        ids = torch.randint(3, 97, (2, 6))
+        adapted = model(input_ids=ids).logits
+        with lora_merged(model):
+            inside = model(input_ids=ids).logits
+    torch.testing.assert_close(inside, adapted, atol=1e-5, rtol=1e-5)
+
+
 def test_native_gqa_attention_changes_no_numbers(monkeypatch):
     """tiny_qwen2 has 4 query heads over 2 KV heads: K/V handed to SDPA grouped give the log-probs and gradients of
     K/V copied out per head."""

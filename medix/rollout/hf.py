@@ -148,13 +148,15 @@ def lora_merged(model):
     """Inside: every LoRA linear layer of a peft `model` runs its base layer alone, whose weight is a new tensor
     W + scaling * B @ A; after, the layers hold their original weight tensors again (nothing is subtracted, so no
     rounding drift). The outputs equal the unmerged forward's up to float rounding; the extra memory is one copy of
-    the adapted weights while inside. Other models, and LoRA variants (DoRA) or non-linear LoRA layers: unchanged."""
+    the adapted weights while inside. Other models, and LoRA variants (DoRA), a bias on B (`lora_bias`) or non-linear
+    LoRA layers: unchanged."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if (not layers or not hasattr(model, "disable_adapter")
-            or any(type(m) is not LoraLinear or m.lora_variant or m.merged for m in layers)):
+            or any(type(m) is not LoraLinear or m.lora_variant or m.merged or any(m.lora_bias.values())
+                   for m in layers)):
         yield
         return
     saved = []
