@@ -17,7 +17,7 @@ from medix.grpo.logprobs import completion_logprobs, prompt_owners, token_logpro
 from medix.models.base import Backbone
 from medix.models.base import left_padded_positions, native_gqa_attention
 from medix.rollout.base import Sampling
-from medix.rollout.hf import HFEngine, lora_merged
+from medix.rollout.hf import HFEngine, lora_merged, sampler
 from tiny_lm import one_thread, record_generate, tiny_qwen2, word_tokenizer  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -259,3 +259,17 @@ def test_native_gqa_attention_changes_no_numbers(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")
     native_gqa_attention("cpu")
     assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"  # a user's setting stays
+
+
+def test_the_sampler_draws_from_the_softmax_at_the_temperature_and_top_p():
+    """generate's greedy pick over the sampler's output is a draw from the policy's distribution: the softmax of
+    the scores over the temperature, cut to the top-p nucleus; an entry at -inf is never drawn."""
+    torch.manual_seed(0)
+    logits, rows = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")]), 200_000
+    nucleus = torch.softmax(torch.tensor([4.0, 2.0]), -1)  # T 0.5: probs .865 .117 .016 .002, top-p 0.9 keeps two
+    for sampling, expected in [(Sampling(8, temperature=1.0), torch.softmax(logits, -1)),
+                               (Sampling(8, temperature=0.5, top_p=0.9), torch.cat([nucleus, torch.zeros(3)]))]:
+        scores = sampler(sampling)(torch.zeros(rows, 1, dtype=torch.long), logits.repeat(rows, 1))
+        drawn = torch.bincount(scores.argmax(-1), minlength=5) / rows
+        torch.testing.assert_close(drawn, expected, atol=4e-3, rtol=0)
+        assert drawn[4] == 0

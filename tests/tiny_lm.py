@@ -114,13 +114,28 @@ def tiny_backbone(*, lora: bool, seed: int = 0, model=None) -> Backbone:
 def record_generate(model) -> list[dict]:
     """From now on `model.generate` (as a rollout engine calls it) also keeps, per call, its keyword arguments and
     what it sampled from: `scores`, the processed next-token logits of every new position ([rows, new tokens,
-    vocab]). Returns the list the calls are appended to."""
+    vocab]; with the HF engine's sampler, the scores its Gumbel noise is added to). Returns the list the calls are
+    appended to."""
+    from transformers import LogitsProcessorList
+
+    from medix.rollout.hf import GumbelNoise
+
     calls: list[dict] = []
     original = model.generate
 
     def generate(**kwargs):
-        out = original(**kwargs, output_scores=True, return_dict_in_generate=True)
-        calls.append({**kwargs, "scores": torch.stack(out.scores, 1)})
+        noised: list[torch.Tensor] = []
+
+        def recorded(noise):
+            def add_noise(input_ids, scores):
+                noised.append(scores.clone())
+                return noise(input_ids, scores)
+            return add_noise
+
+        processors = [recorded(p) if isinstance(p, GumbelNoise) else p for p in kwargs.get("logits_processor", [])]
+        out = original(**{**kwargs, "logits_processor": LogitsProcessorList(processors)}, output_scores=True,
+                       return_dict_in_generate=True)
+        calls.append({**kwargs, "scores": torch.stack(noised or out.scores, 1)})
         return out.sequences
 
     model.generate = generate
