@@ -225,6 +225,29 @@ def test_micro_batches_give_the_mini_batch_gradient():
     assert after[3][1] == pytest.approx(after[None][1], rel=1e-4, abs=1e-7)
 
 
+def test_the_prompts_shared_start_runs_once_per_optimizer_step_with_the_same_step(monkeypatch):
+    """The prompts' common start (the template) runs once per optimizer step, and the micro-batches read its cache:
+    the weights after the step are those of plain micro-batch forwards (plain SGD: the step is the gradient)."""
+    prefixes = []
+    step_prefix = GRPOModule.step_prefix
+
+    def recorded(self, rollout, rows):
+        prefixes.append(step_prefix(self, rollout, rows))
+        return prefixes[-1]
+
+    after = {}
+    for shared in (True, False):
+        monkeypatch.setattr(GRPOModule, "step_prefix", recorded if shared else lambda self, rollout, rows: None)
+        backbone = tiny_backbone(lora=True, model=tiny_model(seed=0))
+        module, logger = fit(backbone, grpo(micro_batch_size=3, weight_decay=0.0, beta=0.0,
+                                            **{"optimizer._target_": "torch.optim.SGD", "lr": 1.0}), max_steps=2)
+        assert_step_had_a_gradient(logger)
+        after[shared] = snapshot(module.model)
+    assert len(prefixes) == 2 and all(p is not None and p.length > 3 for p in prefixes)  # one per optimizer step
+    for name, weight in after[False].items():
+        torch.testing.assert_close(after[True][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("micro", [0, -1])
 def test_a_bad_micro_batch_size_names_the_key(micro):
     with pytest.raises(ConfigError, match="algorithm.micro_batch_size"):

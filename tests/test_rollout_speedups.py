@@ -13,7 +13,8 @@ from PIL import Image
 from transformers import StaticCache
 
 from medix.errors import ConfigError
-from medix.grpo.logprobs import completion_logprobs, prompt_owners, token_logprobs
+from medix.grpo.logprobs import (after_prefix, common_prefix_length, completion_logprobs, prompt_owners,
+                                 shared_prefix, token_logprobs)
 from medix.models.base import Backbone
 from medix.models.base import left_padded_positions, native_gqa_attention
 from medix.rollout.base import Sampling
@@ -92,6 +93,78 @@ def test_shared_prompt_logprobs_and_gradients_equal_a_plain_forward(lora, checkp
     torch.testing.assert_close(shared_entropy, plain_entropy, atol=1e-5, rtol=1e-5)
     for a, b in zip(shared_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def template_batch(prefix_len=5, rest=(3, 1, 4), group=2, completion_len=4, seed=2):
+    """Prompts that all start with the same `prefix_len` tokens, then rest[i] tokens of their own, left-padded to
+    the longest; each repeated `group` times; random completions (row 0's ends early)."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(3, 97, (prefix_len,), generator=gen)
+    P = prefix_len + max(rest)
+    ids, mask = torch.full((len(rest), P), 2), torch.zeros(len(rest), P, dtype=torch.long)
+    for i, n in enumerate(rest):
+        ids[i, P - prefix_len - n:] = torch.cat([start, torch.randint(3, 97, (n,), generator=gen)])
+        mask[i, P - prefix_len - n:] = 1
+    ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    comp = torch.randint(3, 97, (ids.shape[0], completion_len), generator=gen)
+    comp_mask = torch.ones_like(comp)
+    comp_mask[0, -1:] = 0
+    return torch.cat([ids, comp], 1), torch.cat([mask, comp_mask], 1), P
+
+
+def test_common_prefix_length_counts_the_shared_start_of_left_padded_prompts():
+    ids, mask, P = template_batch(prefix_len=5, rest=(3, 1, 4))
+    assert common_prefix_length(ids, mask, P) == 5
+    assert common_prefix_length(ids[:2], mask[:2], P) == 5 + 3 - 1  # one prompt: all but its last token
+    ids[4, P - 4 - 3] = 96 if ids[0, P - 5 - 3 + 2] != 96 else 95  # the third prompt differs at its third token
+    assert common_prefix_length(ids, mask, P) == 2
+    ids[4, P - 4 - 5] = 96 if ids[0, P - 5 - 3] != 96 else 95
+    assert common_prefix_length(ids, mask, P) == 0
+
+
+def test_after_prefix_puts_the_shared_start_in_the_first_columns_of_every_row():
+    ids, mask, P = template_batch(prefix_len=5, rest=(3, 1, 4))
+    new_ids, new_mask, new_P = after_prefix(ids, mask, P, 5)
+    assert new_P == 5 + 4
+    for row in range(ids.shape[0]):  # the same tokens, in order, as before: the prefix's come from the cache
+        kept = new_mask[row].bool()
+        assert kept[:5].all()
+        assert torch.equal(new_ids[row, 5:][kept[5:]], ids[row][mask[row].bool()][5:])
+    assert torch.equal(new_mask[:, new_P:], mask[:, P:])
+    assert new_mask[2, 5:new_P].tolist() == [0, 0, 0, 1]  # one token after the prefix, left-padded to four
+
+
+@pytest.mark.parametrize("split_head", [False, True])
+def test_a_prefix_shared_across_micro_batches_gives_the_plain_log_probs_and_gradients(split_head, monkeypatch):
+    """The prompts' common start runs once; micro-batches read its cache; its backward after theirs adds up to the
+    gradients of plain forwards, micro-batch by micro-batch (float64)."""
+    from medix.grpo import logprobs
+
+    if split_head:  # the body + chunked head path, as large logits take it
+        monkeypatch.setattr(logprobs, "CHUNKED_HEAD_MIN_VALUES", 1)
+    model = tiny_qwen2(lora=True).double().train()
+    ids, mask, P = template_batch()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    micro_batches = [[0, 1, 2], [3], [4, 5]]  # a group split over two micro-batches, as micro_batch_size can
+
+    def logp_and_grads(shared):
+        model.zero_grad()
+        prefix = shared_prefix(model, ids[0, :P][mask[0, :P].bool()][:5]) if shared else None
+        logps = []
+        for rows in micro_batches:
+            logp, _ = completion_logprobs(model, ids[rows], mask[rows], P, prefix=prefix)
+            (logp * torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype).view_as(logp)).sum().backward()
+            logps.append(logp.detach())
+        if prefix is not None:
+            prefix.backward()
+        return torch.cat(logps), [p.grad.clone() for p in trainable]
+
+    shared, shared_grads = logp_and_grads(True)
+    plain, plain_grads = logp_and_grads(False)
+    torch.testing.assert_close(shared, plain, atol=1e-10, rtol=1e-10)
+    assert all(g.abs().max() > 1e-3 for g in plain_grads)
+    for a, b in zip(shared_grads, plain_grads):  # to 1e-7: the shared-prompt path alone differs from plain as much
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
 
 def test_shared_prompt_cache_samples_what_a_plain_prefill_samples():

@@ -403,6 +403,7 @@ def run_medix(args, backbone, engine, datamodule, reward_fn, turns: Turns, log: 
         import functools
 
         module_lib.completion_logprobs = functools.partial(module_lib.completion_logprobs, share_prompt=False)
+        GRPOModule.step_prefix = lambda self, rollout, rows: None  # nor the template's prefix, once per step
     engine_sync = engine.sync
 
     def timed_sync(policy, *a, **kw):  # the step's policy push into the rollout server
@@ -548,7 +549,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--cache-implementation", default=None, help="e.g. static; used by both sides")
     p.add_argument("--no-share-prompt", action="store_true",
-                   help="medix without the shared prompt forward/KV cache (the earlier step)")
+                   help="medix without the shared prompt forward/KV cache, per group and the template's across "
+                        "micro-batches (the earlier step)")
     p.add_argument("--trl-logprob-chunk", type=int, default=None,
                    help="rows per tile of TRL's fused LM head; on CPU it scores every position (prompt included) "
                         "and one 32768-row tile of full-vocab fp32 logits exhausts a 24 GB machine (default: 1024 "

@@ -18,13 +18,13 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from medix.data.datamodule import PromptBatch
 from medix.errors import ConfigError, MedixError
-from medix.grpo.logprobs import completion_logprobs
+from medix.grpo.logprobs import SharedPrefix, common_prefix_length, completion_logprobs, shared_prefix
 from medix.grpo.plan import MicroBatch, padded_plan, passes_per_step, update_plan
 from medix.grpo.producer import Produced, RolloutProducer, position_seed
 from medix.memory import UPDATE_HEAP_BYTES, freed_memory_returned
 from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_advantages, loss_denominator,
                                mismatch_weights, policy_loss)
-from medix.models.base import native_gqa_attention
+from medix.models.base import can_share_prompt, native_gqa_attention
 from medix.models.lora import fused_lora
 from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
 from medix.rewards.composite import RewardBatch
@@ -306,12 +306,15 @@ class GRPOModule(L.LightningModule):
                 denominator = self.across_ranks(local, "sum") / self.world_size  # of the whole mini-batch
                 optimizer.zero_grad()
                 step_loss = 0.0
+                prefix = self.step_prefix(batch.rollout, [r for micro in step for r in micro.rows])
                 for index, micro in enumerate(step):
                     with self.gradient_sync(enabled=index == len(step) - 1):
-                        loss, metrics = self.micro_batch_loss(batch, micro, denominator, iteration)
+                        loss, metrics = self.micro_batch_loss(batch, micro, denominator, iteration, prefix)
                         self.manual_backward(loss)  # gradients add up over the micro-batches
                     step_loss += float(loss.detach())
                     means.add(metrics)
+                if prefix is not None:
+                    prefix.backward()  # the micro-batches' gradients at the shared prefix, through its forward once
                 norm = gradient_norm(self.model)  # before clipping; the same on every rank (reduced, or gathered)
                 if algo.max_grad_norm:
                     self.clip_gradients(optimizer, gradient_clip_val=algo.max_grad_norm, gradient_clip_algorithm="norm")
@@ -356,16 +359,31 @@ class GRPOModule(L.LightningModule):
             mask[rollout.truncated] = 0.0
         return UpdateBatch(rollout, mask, advantages, old_logp, ref_logp, reward_wait_s)
 
-    def micro_batch_loss(self, batch: "UpdateBatch", micro: MicroBatch, denominator: float,
-                         iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_prefix(self, rollout: Rollout, rows: list[int]) -> SharedPrefix | None:
+        """The KV cache of the prompt tokens that all `rows` start with (the system prompt and the template), run
+        once for the optimizer step with gradient, or None where it does not apply: several processes (their
+        gradient sync follows each micro-batch's backward), images, activation checkpointing, no common prefix."""
+        if self.world_size > 1 or not can_share_prompt(self.model) or rollout.prompt_length == 0:
+            return None
+        part = select_rows(rollout, rows)
+        if self.backbone.model_inputs(part):
+            return None
+        length = common_prefix_length(part.input_ids, part.attention_mask, part.prompt_length)
+        if length == 0:
+            return None
+        first_prompt = part.input_ids[0, :part.prompt_length][part.attention_mask[0, :part.prompt_length].bool()]
+        return shared_prefix(self.model, first_prompt[:length])
+
+    def micro_batch_loss(self, batch: "UpdateBatch", micro: MicroBatch, denominator: float, iteration: int,
+                         prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The policy loss of a micro-batch over `denominator` (its mini-batch's token or row count), and its metrics
-        (none for a padding pass, whose zero mask gives no gradient)."""
+        (none for a padding pass, whose zero mask gives no gradient); its prompts' common start read from `prefix`."""
         algo, rows = self.algo, micro.rows
         part = select_rows(batch.rollout, rows)
         mask = batch.mask[rows] if micro.counted else torch.zeros_like(batch.mask[rows])
         logp, entropy = run_as_forward(self.model, completion_logprobs, self.model, part.input_ids,
                                        part.attention_mask, part.prompt_length, self.backbone.model_inputs(part),
-                                       with_entropy=True)
+                                       with_entropy=True, prefix=prefix)
         old = logp.detach() if batch.old_logp is None else batch.old_logp[rows]  # the log-probs at sampling time
         metrics: dict[str, float] = {}
         is_weights = None
