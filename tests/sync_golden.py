@@ -1,6 +1,9 @@
 """The weights two synchronous GRPO steps leave on the tiny Llama (HF generate, LoRA; GRPO, and DAPO with refills),
-as per-parameter float64 sums: `tests/assets/sync_step_golden.json` holds them as the code before asynchronous
-rollouts computed them (commit e4dc74c), so a test can show `rollout.max_staleness=0` still trains exactly so.
+as per-parameter float64 sums: `tests/assets/sync_step_golden.json` holds them so a test can show
+`rollout.max_staleness=0` still trains exactly as the synchronous step did. They were first computed by the code
+before asynchronous rollouts (commit e4dc74c). They were regenerated once, when the HF engine's draw became Gumbel-max
+(the same distribution from another random stream, so other tokens under the same seed). With generate's old draw put
+back, the code of 89b891c still left e4dc74c's values for both algorithms.
 Regenerate (only when the synchronous step is meant to change): `python tests/sync_golden.py > tests/assets/...`.
 
 The sums are compared up to float32 reordering, which differs between CPUs (AVX-512 or AVX2 kernels, other BLAS

@@ -56,9 +56,9 @@ def fit(engine, *, steps=4, algo=None, reward=None, callbacks=(), samples=8):
 # ---- max_staleness = 0: the synchronous step, unchanged ---------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_max_staleness_0_trains_exactly_as_the_synchronous_step_did(name):
-    """The weights after 2 GRPO steps (same seed) equal those the code before asynchronous rollouts left
-    (tests/assets/sync_step_golden.json, from commit e4dc74c), up to float32 reordering between CPUs; no producer
-    thread runs."""
+    """The weights after 2 GRPO steps (same seed) equal those the synchronous step left
+    (tests/assets/sync_step_golden.json; tests/sync_golden.py says where they come from), up to float32 reordering
+    between CPUs; no producer thread runs."""
     seen = []
 
     class Threads(Callback):
