@@ -5,6 +5,7 @@ sampled from is what the training forward scores, whatever the checkpoint's gene
 
 import copy
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,12 +14,12 @@ from PIL import Image
 from transformers import StaticCache
 
 from medix.errors import ConfigError
-from medix.grpo.logprobs import (after_prefix, common_prefix_length, completion_logprobs, prompt_owners,
-                                 shared_prefix, token_logprobs)
+from medix.grpo.logprobs import completion_logprobs, prompt_owners, token_logprobs
 from medix.models.base import Backbone
 from medix.models.base import left_padded_positions, native_gqa_attention
+from medix.models.prefix import after_prefix, common_prefix_length, left_padded, shared_prefix
 from medix.rollout.base import Sampling
-from medix.rollout.hf import HFEngine, lora_merged, sampler
+from medix.rollout.hf import HFEngine, lora_merged, prompt_cache, sampler
 from tiny_lm import one_thread, record_generate, tiny_qwen2, word_tokenizer  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,18 +168,52 @@ def test_a_prefix_shared_across_micro_batches_gives_the_plain_log_probs_and_grad
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
 
-def test_shared_prompt_cache_samples_what_a_plain_prefill_samples():
+def test_the_prompt_cache_runs_the_shared_start_once_and_lays_the_cache_out_as_the_ids():
+    """The HF engine's prefill: the prompts' common start runs once ([1, 5]), then their rests ([3, 4]); each row's
+    keys and values sit in the columns of its left-padded ids, equal to a plain prefill's."""
+    model = tiny_qwen2(lora=True).eval()
+    ids, mask, P = template_batch(prefix_len=5, rest=(3, 1, 4), group=1)
+    ids, mask = ids[:, :P], mask[:, :P]
+    batches = body_batches(model)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask),
+                      use_cache=True).past_key_values
+        batches.clear()
+        shared = prompt_cache(model, ids, mask)
+    assert batches == [(1, 5), (3, 4)]
+    real = mask.bool()
+    for ours, theirs in zip(shared.layers, plain.layers):
+        assert ours.keys.shape == theirs.keys.shape
+        for row in range(len(ids)):
+            torch.testing.assert_close(ours.keys[row][:, real[row]], theirs.keys[row][:, real[row]])
+            torch.testing.assert_close(ours.values[row][:, real[row]], theirs.values[row][:, real[row]])
+
+
+def test_left_padded_moves_the_prefix_behind_each_rows_padding():
+    mask = torch.tensor([[1, 1, 0, 0, 1], [1, 1, 1, 1, 1]])  # [prefix 2 | pads | rest]: rests of 1 and 3
+    states = torch.arange(10.0).view(2, 1, 5, 1)
+    layer = SimpleNamespace(keys=states.clone(), values=states.clone())
+    moved = left_padded(SimpleNamespace(layers=[layer]), mask, 2).layers[0]
+    assert moved.keys[0, 0, 2:, 0].tolist() == [0.0, 1.0, 4.0]  # pads first, then the prefix, then the rest
+    assert moved.keys[1, 0, :, 0].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]  # no padding: as it was
+
+
+@pytest.mark.parametrize("template", ["", "w20 w21 w22 "])
+def test_shared_prompt_cache_samples_what_a_plain_prefill_samples(template):
+    """With a template, the prompts' common start is prefilled once ([1, 3]) before their rests."""
     backbone = qwen_backbone()
     calls = record_generate(backbone.model)
+    batches = body_batches(backbone.model)
     outs = []
     for share in (True, False):
         torch.manual_seed(123)
-        outs.append(HFEngine(share_prompt_cache=share).generate(backbone, PROMPTS, group_size=3,
-                                                                sampling=Sampling(max_new_tokens=6)))
+        outs.append(HFEngine(share_prompt_cache=share).generate(backbone, [template + p for p in PROMPTS],
+                                                                group_size=3, sampling=Sampling(max_new_tokens=6)))
     assert [call.get("past_key_values") is not None for call in calls] == [True, False]  # the cache was shared
     assert isinstance(calls[0]["past_key_values"], StaticCache)  # sized for the completions, written in place
+    assert ((1, 3) in batches) == bool(template)
     shared, plain = outs
-    assert shared.input_ids.shape == (9, 4 + 6)
+    assert shared.input_ids.shape == (9, len(template.split()) + 4 + 6)
     assert torch.equal(shared.input_ids, plain.input_ids)
     assert shared.texts == plain.texts
     logp_shared, _ = completion_logprobs(backbone.model, shared.input_ids, shared.attention_mask, shared.prompt_length)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from medix.grpo.lm_head import head_token_logprobs, split_lm_head
 from medix.models.base import can_share_prompt, left_padded_positions
+from medix.models.prefix import SharedPrefix, after_prefix
 
 # The chunked head (lm_head.py) is used once the [rows, completion tokens, vocab] logits would hold more values than
 # this (1 GiB in float32): below it, keeping the logits for the backward is cheaper than recomputing them there (on
@@ -17,7 +16,7 @@ CHUNKED_HEAD_MIN_VALUES = 1 << 28
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                         extra_inputs: dict | None = None, with_entropy: bool = False, share_prompt: bool = True,
-                        prefix: "SharedPrefix | None" = None):
+                        prefix: SharedPrefix | None = None):
     """Log-probability of each completion token under `model` ([B, T]); with_entropy also gives the entropy of each
     position's distribution ([B, T], without gradient: it is a metric).
 
@@ -72,66 +71,6 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     if split:
         return head_token_logprobs(scores, split[1], targets, with_entropy=with_entropy)
     return token_logprobs(scores, targets, with_entropy=with_entropy)
-
-
-@dataclass
-class SharedPrefix:
-    """The KV cache of the first `length` tokens that every prompt of an optimizer step starts with (the system
-    prompt and the instruction template), computed once per step with gradient (`shared_prefix`). Each
-    micro-batch's forward reads detached copies (`leaves`), whose gradients add up over the micro-batches;
-    `backward()` then sends their sum through the prefix's forward, once."""
-
-    length: int
-    states: list[torch.Tensor]  # per layer, keys then values ([1, kv heads, length, head dim]), with their graph
-    leaves: list[torch.Tensor]
-
-    def cache(self, model, rows: int):
-        """A cache of `rows` rows that each hold the prefix (gradients flow back to `leaves`)."""
-        from transformers import DynamicCache
-
-        rows_of = [t.expand(rows, *t.shape[1:]) for t in self.leaves]
-        return DynamicCache(ddp_cache_data=list(zip(rows_of[0::2], rows_of[1::2])), config=model.config)
-
-    def backward(self) -> None:
-        grads = [(state, leaf.grad) for state, leaf in zip(self.states, self.leaves) if leaf.grad is not None]
-        if grads:
-            torch.autograd.backward([s for s, _ in grads], [g for _, g in grads])
-
-
-def shared_prefix(model, ids: torch.Tensor) -> SharedPrefix:
-    """The prefix `ids` ([length]) through the model's body once (with gradient, when enabled), as a SharedPrefix."""
-    split = split_lm_head(model)
-    forward, kwargs = (split[0], {}) if split else (model, {"logits_to_keep": 1})
-    ids = ids.unsqueeze(0)
-    out = forward(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(
-        ids.shape[1], device=ids.device).unsqueeze(0), use_cache=True, **kwargs)
-    states = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-    return SharedPrefix(ids.shape[1], states, [t.detach().requires_grad_(t.requires_grad) for t in states])
-
-
-def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> int:
-    """How many leading prompt tokens all rows share (left-padded prompts), leaving each row at least its last
-    prompt token."""
-    prompts = [ids[mask.bool()] for ids, mask in zip(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])]
-    length = min(len(p) for p in prompts) - 1
-    for other in prompts[1:]:
-        differs = (other[:length] != prompts[0][:length]).nonzero()
-        length = int(differs[0]) if len(differs) else length
-    return max(length, 0)
-
-
-def after_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, length: int):
-    """Left-padded rows whose prompts all start with the same `length` tokens, laid out as [those tokens | each
-    prompt's rest, left-padded | the completion]: the prefix's columns come first in every row. Returns the ids (the
-    prefix's columns hold whatever; they are in the cache), the mask and the new prompt length."""
-    rest = attention_mask[:, :prompt_length].sum(1) - length  # each row's prompt tokens after the prefix
-    width = int(rest.max())
-    columns = torch.arange(width, device=input_ids.device)
-    rest_mask = (columns >= width - rest.unsqueeze(1)).to(attention_mask.dtype)
-    start = prompt_length - width
-    ids = torch.cat([input_ids[:, :1].expand(-1, length), input_ids[:, start:]], dim=1)
-    mask = torch.cat([attention_mask.new_ones(len(rest), length), rest_mask, attention_mask[:, prompt_length:]], 1)
-    return ids, mask, length + width
 
 
 def prompt_owners(prompt_ids: torch.Tensor) -> torch.Tensor:

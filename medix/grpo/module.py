@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from medix.data.datamodule import PromptBatch
 from medix.errors import ConfigError, MedixError
-from medix.grpo.logprobs import SharedPrefix, common_prefix_length, completion_logprobs, shared_prefix
+from medix.grpo.logprobs import completion_logprobs
 from medix.grpo.plan import MicroBatch, padded_plan, passes_per_step, update_plan
 from medix.grpo.producer import Produced, RolloutProducer, position_seed
 from medix.memory import UPDATE_HEAP_BYTES, freed_memory_returned
@@ -26,6 +26,7 @@ from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_ad
                                mismatch_weights, policy_loss)
 from medix.models.base import can_share_prompt, native_gqa_attention
 from medix.models.lora import fused_lora
+from medix.models.prefix import SharedPrefix, common_prefix_length, shared_prefix
 from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
 from medix.rewards.composite import RewardBatch
 from medix.rewards.statistics import RewardStatistics

@@ -9,6 +9,7 @@ import torch
 from medix.errors import ConfigError
 from medix.memory import freed_memory_returned
 from medix.models.base import can_share_prompt, left_padded_positions
+from medix.models.prefix import after_prefix, common_prefix_length, left_padded, shared_prefix
 from medix.models.sharding import gathered_for_generation, is_sharded
 from medix.rollout.base import Rollout, Sampling, completion_mask_from_ids
 
@@ -141,10 +142,22 @@ SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start
 
 
 def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """The KV cache of `input_ids` (one row per distinct prompt); logits only for the last position."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),
-                use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+    """The KV cache of `input_ids` (one row per distinct prompt, left-padded; logits only for the last position).
+    Where the prompts share a start (the system prompt and template), it runs once and each prompt's rest runs on
+    its cache; the cache is then laid out as the ids are. Not for sliding-window layers (plain prefill there)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    length = common_prefix_length(input_ids, attention_mask, input_ids.shape[1]) if len(input_ids) > 1 else 0
+    if length == 0 or any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                    position_ids=left_padded_positions(attention_mask))
+        return out.past_key_values
+    prefix = shared_prefix(model, input_ids[0][attention_mask[0].bool()][:length])
+    ids, mask, _ = after_prefix(input_ids, attention_mask, input_ids.shape[1], length)
+    out = model(input_ids=ids[:, length:], attention_mask=mask, position_ids=left_padded_positions(mask)[:, length:],
+                past_key_values=prefix.cache(model, len(ids)), use_cache=True, logits_to_keep=1)
+    return left_padded(out.past_key_values, mask, length)
 
 
 def group_cache(model, cache, rows: torch.Tensor, max_length: int):
