@@ -363,7 +363,8 @@ class GRPOModule(L.LightningModule):
     def step_prefix(self, rollout: Rollout, rows: list[int]) -> SharedPrefix | None:
         """The KV cache of the prompt tokens that all `rows` start with (the system prompt and the template), run
         once for the optimizer step with gradient, or None where it does not apply: several processes (their
-        gradient sync follows each micro-batch's backward), images, activation checkpointing, no common prefix."""
+        gradient sync follows each micro-batch's backward), images, activation checkpointing, no common prefix.
+        Under dropout the prefix's masks are drawn once per step, not once per micro-batch."""
         if self.world_size > 1 or not can_share_prompt(self.model) or rollout.prompt_length == 0:
             return None
         part = select_rows(rollout, rows)
