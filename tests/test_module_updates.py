@@ -225,9 +225,11 @@ def test_micro_batches_give_the_mini_batch_gradient():
     assert after[3][1] == pytest.approx(after[None][1], rel=1e-4, abs=1e-7)
 
 
-def test_the_prompts_shared_start_runs_once_per_optimizer_step_with_the_same_step(monkeypatch):
+@pytest.mark.parametrize("mini_batch", [PROMPTS * GROUP, GROUP])
+def test_the_prompts_shared_start_runs_once_per_optimizer_step_with_the_same_step(monkeypatch, mini_batch):
     """The prompts' common start (the template) runs once per optimizer step, and the micro-batches read its cache:
-    the weights after the step are those of plain micro-batch forwards (plain SGD: the step is the gradient)."""
+    the weights after the step are those of plain micro-batch forwards (plain SGD: the step is the gradient). With
+    two optimizer steps per update, the second recomputes it under the weights the first left."""
     prefixes = []
     step_prefix = GRPOModule.step_prefix
 
@@ -239,11 +241,13 @@ def test_the_prompts_shared_start_runs_once_per_optimizer_step_with_the_same_ste
     for shared in (True, False):
         monkeypatch.setattr(GRPOModule, "step_prefix", recorded if shared else lambda self, rollout, rows: None)
         backbone = tiny_backbone(lora=True, model=tiny_model(seed=0))
-        module, logger = fit(backbone, grpo(micro_batch_size=3, weight_decay=0.0, beta=0.0,
-                                            **{"optimizer._target_": "torch.optim.SGD", "lr": 1.0}), max_steps=2)
+        module, logger = fit(backbone, grpo(micro_batch_size=3, mini_batch_size=mini_batch, weight_decay=0.0,
+                                            beta=0.0, **{"optimizer._target_": "torch.optim.SGD", "lr": 1.0}),
+                             max_steps=2)
         assert_step_had_a_gradient(logger)
         after[shared] = snapshot(module.model)
-    assert len(prefixes) == 2 and all(p is not None and p.length > 3 for p in prefixes)  # one per optimizer step
+    steps = 2 * PROMPTS * GROUP // mini_batch  # one prefix per optimizer step
+    assert len(prefixes) == steps and all(p is not None and p.length > 3 for p in prefixes)
     for name, weight in after[False].items():
         torch.testing.assert_close(after[True][name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
