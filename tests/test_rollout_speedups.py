@@ -17,7 +17,7 @@ from medix.errors import ConfigError
 from medix.grpo.logprobs import completion_logprobs, prompt_owners, token_logprobs
 from medix.models.base import Backbone
 from medix.models.base import left_padded_positions, native_gqa_attention
-from medix.models.prefix import after_prefix, common_prefix_length, left_padded, shared_prefix
+from medix.models.prefix import after_prefix, common_prefix, left_padded, shared_prefix
 from medix.rollout.base import Sampling
 from medix.rollout.hf import HFEngine, lora_merged, prompt_cache, sampler
 from tiny_lm import one_thread, record_generate, tiny_qwen2, word_tokenizer  # noqa: F401 (a fixture)
@@ -113,14 +113,14 @@ def template_batch(prefix_len=5, rest=(3, 1, 4), group=2, completion_len=4, seed
     return torch.cat([ids, comp], 1), torch.cat([mask, comp_mask], 1), P
 
 
-def test_common_prefix_length_counts_the_shared_start_of_left_padded_prompts():
+def test_common_prefix_is_the_shared_start_of_left_padded_prompts():
     ids, mask, P = template_batch(prefix_len=5, rest=(3, 1, 4))
-    assert common_prefix_length(ids, mask, P) == 5
-    assert common_prefix_length(ids[:2], mask[:2], P) == 5 + 3 - 1  # one prompt: all but its last token
+    assert torch.equal(common_prefix(ids, mask, P), ids[0, P - 5 - 3:P - 3])
+    assert len(common_prefix(ids[:2], mask[:2], P)) == 5 + 3 - 1  # one prompt: all but its last token
     ids[4, P - 4 - 3] = 96 if ids[0, P - 5 - 3 + 2] != 96 else 95  # the third prompt differs at its third token
-    assert common_prefix_length(ids, mask, P) == 2
+    assert len(common_prefix(ids, mask, P)) == 2
     ids[4, P - 4 - 5] = 96 if ids[0, P - 5 - 3] != 96 else 95
-    assert common_prefix_length(ids, mask, P) == 0
+    assert len(common_prefix(ids, mask, P)) == 0
 
 
 def test_after_prefix_puts_the_shared_start_in_the_first_columns_of_every_row():

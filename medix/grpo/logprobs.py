@@ -34,10 +34,10 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         split = None
     forward, output = (split[0], "last_hidden_state") if split else (model, "logits")
     head_kwargs = {} if split else {"logits_to_keep": 1}
-    if prefix is not None and extra_inputs:
-        raise ValueError(f"completion_logprobs: a shared prefix with model inputs beside the ids "
-                         f"({sorted(extra_inputs)}): images are not cached")
     if prefix is not None:  # the prompts after the prefix, each left-padded to the longest: [prefix | pads, rest]
+        if extra_inputs:
+            raise ValueError(f"completion_logprobs: a shared prefix with model inputs beside the ids "
+                             f"({sorted(extra_inputs)}): images are not cached")
         input_ids, attention_mask, prompt_length = after_prefix(input_ids, attention_mask, prompt_length,
                                                                 prefix.length)
     position_ids = left_padded_positions(attention_mask)

@@ -26,7 +26,7 @@ from medix.grpo.losses import (dapo_group_filter, frac_reward_zero_std, group_ad
                                mismatch_weights, policy_loss)
 from medix.models.base import can_share_prompt, native_gqa_attention
 from medix.models.lora import fused_lora
-from medix.models.prefix import SharedPrefix, common_prefix_length, shared_prefix
+from medix.models.prefix import SharedPrefix, common_prefix, shared_prefix
 from medix.models.sharding import is_sharded, run_as_forward, save_full_pretrained, shard_model
 from medix.rewards.composite import RewardBatch
 from medix.rewards.statistics import RewardStatistics
@@ -370,11 +370,8 @@ class GRPOModule(L.LightningModule):
         part = select_rows(rollout, rows)
         if self.backbone.model_inputs(part):
             return None
-        length = common_prefix_length(part.input_ids, part.attention_mask, part.prompt_length)
-        if length == 0:
-            return None
-        first_prompt = part.input_ids[0, :part.prompt_length][part.attention_mask[0, :part.prompt_length].bool()]
-        return shared_prefix(self.model, first_prompt[:length])
+        start = common_prefix(part.input_ids, part.attention_mask, part.prompt_length)
+        return shared_prefix(self.model, start) if len(start) else None
 
     def micro_batch_loss(self, batch: "UpdateBatch", micro: MicroBatch, denominator: float, iteration: int,
                          prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, dict[str, float]]:

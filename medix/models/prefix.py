@@ -43,15 +43,15 @@ def shared_prefix(model, ids: torch.Tensor) -> SharedPrefix:
     return SharedPrefix(ids.shape[1], states, [t.detach().requires_grad_(t.requires_grad) for t in states])
 
 
-def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> int:
-    """How many leading prompt tokens all rows share (left-padded prompts), leaving each row at least its last
-    prompt token."""
+def common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """The leading prompt tokens that all rows share (left-padded prompts; empty if none), leaving each row at least
+    its last prompt token."""
     prompts = [ids[mask.bool()] for ids, mask in zip(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])]
     length = min(len(p) for p in prompts) - 1
     for other in prompts[1:]:
         differs = (other[:length] != prompts[0][:length]).nonzero()
         length = int(differs[0]) if len(differs) else length
-    return max(length, 0)
+    return prompts[0][:max(length, 0)]
 
 
 def after_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, length: int):

@@ -9,7 +9,7 @@ import torch
 from medix.errors import ConfigError
 from medix.memory import freed_memory_returned
 from medix.models.base import can_share_prompt, left_padded_positions
-from medix.models.prefix import after_prefix, common_prefix_length, left_padded, shared_prefix
+from medix.models.prefix import after_prefix, common_prefix, left_padded, shared_prefix
 from medix.models.sharding import gathered_for_generation, is_sharded
 from medix.rollout.base import Rollout, Sampling, completion_mask_from_ids
 
@@ -148,12 +148,14 @@ def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    length = common_prefix_length(input_ids, attention_mask, input_ids.shape[1]) if len(input_ids) > 1 else 0
-    if length == 0 or any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
+    start = common_prefix(input_ids, attention_mask, input_ids.shape[1])
+    plain_layers = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    if len(input_ids) == 1 or not len(start) or not plain_layers:
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
                     position_ids=left_padded_positions(attention_mask))
         return out.past_key_values
-    prefix = shared_prefix(model, input_ids[0][attention_mask[0].bool()][:length])
+    length = len(start)
+    prefix = shared_prefix(model, start)
     ids, mask, _ = after_prefix(input_ids, attention_mask, input_ids.shape[1], length)
     out = model(input_ids=ids[:, length:], attention_mask=mask, position_ids=left_padded_positions(mask)[:, length:],
                 past_key_values=prefix.cache(model, len(ids)), use_cache=True, logits_to_keep=1)
