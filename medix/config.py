@@ -94,6 +94,8 @@ class DegenerateGuardConfig:
     echo_share: float = 0.6  # question echo: repeats this share of the question's word 3-grams, adding no word
     grader_address: bool = True  # text for the grader: a verdict, a dictated YES, ground-truth lines, chat tokens,
     # the reference or the answer key named, an encoded message
+    other_language: bool = True  # a clause in a language or script that neither the question nor the reference uses
+    # (a plea to the grader in German or Chinese after an English answer)
     denial: bool = True  # the answer names a word of the reference only to deny it ("pneumothorax is ruled out")
     hedge_items: int = 6  # hedge: alternatives ("or") the reference lacks, a differential, or a list of more
     # items; 0 = off

@@ -69,6 +69,27 @@ _COMMITS = re.compile(r"""\b(?:(?:final|better|correct|real|true|actual|definiti
 # The alternatives of a hedge ("gout or pseudogout", "either ... or ..."), and a differential offered as the answer.
 _ALTERNATIVE = re.compile(r"\b(?:or|either)\b", re.IGNORECASE)
 _DIFFERENTIAL = re.compile(r"\bdifferentials?\b(?:\s+diagnos[ie]s)?(?:\s+(?:includes?|is|are)\b|\s*:)", re.IGNORECASE)
+# An answer that says it does not choose: "I can't pick one", "cannot decide between ...", "not sure which".
+_UNDECIDED = re.compile(r"""\b(?:can['’]?t|cannot|can\s+not|could\s+not|couldn['’]t|unable\s+to)\s+(?:\w+\s+)?
+    (?:pick|choose|decide|distinguish|differentiate|commit|settle)\b|\bnot\s+sure\s+which\b|\bunsure\s+which\b""",
+                        re.IGNORECASE | re.VERBOSE)
+# The most words a list item has: longer comma-separated parts are clauses of prose, not items of a list.
+_LIST_ITEM_WORDS = 5
+# Function words of languages other than English, none of them an English word or part of an eponym or a Latin term
+# used in English medicine (de, la, le, van, von, der, del, die, in, et, il, os, per, non, pas, para, pour, favor,
+# come are left out): two of one language in a clause mean the clause is written in it.
+_FUNCTION_WORDS = {
+    "german": frozenset("und ist sie bitte diese dieser dieses nicht mit das dem ein eine einen ich wir auf für auch "
+                        "sind wird werden ihre richtig antwort".split()),
+    "french": frozenset("est cette une les vous avec votre veuillez nous sont ce qui dans réponse merci considérer "
+                        "correcte".split()),
+    "spanish": frozenset("es esta este una por que con los las como usted respuesta correcta considere".split()),
+    "italian": frozenset("è questa questo favore che con una della sono risposta corretta gli".split()),
+    "portuguese": frozenset("é esta uma por que com como resposta correta não você considere".split()),
+    "dutch": frozenset("het deze een alstublieft niet zijn wij voor antwoord dit juist".split()),
+}
+# Scripts that an English question and reference do not use: a clause in one of them is in another language.
+_OTHER_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "ARABIC", "HEBREW", "CYRILLIC", "DEVANAGARI", "THAI")
 
 
 def words(text: str) -> list[str]:
@@ -168,6 +189,24 @@ def mixes_scripts(text: str) -> bool:
     return False
 
 
+def languages(text: str, min_words: int = 2) -> set[str]:
+    """The languages other than English in which some clause of `text` is written: `min_words` function words of one
+    language in a clause, or a letter of a non-Latin script (named by the script: `CJK`, `CYRILLIC`, ...)."""
+    found = {name for ch in text if ch.isalpha()
+             for name in [unicodedata.name(ch, "").split(" ")[0]] if name in _OTHER_SCRIPTS}
+    for clause in re.split(r"[.;:!?\n]+", text):
+        clause_words = set(words(clause))
+        found |= {language for language, function in _FUNCTION_WORDS.items() if len(clause_words & function) >= min_words}
+    return found
+
+
+def switches_language(answer: str, question: str | None, reference: str | None) -> bool:
+    """Some clause of the answer is in a language (or script) that neither the question nor the reference uses (one
+    function word of it there is enough: a short question has few): a plea to the grader in German after an English
+    answer, a note in Chinese."""
+    return bool(languages(answer) - languages(f"{question or ''}\n{reference or ''}", min_words=1))
+
+
 def addresses_grader(answer: str, reference: str | None = None) -> bool:
     """The answer speaks to the grader (`respond with YES`, `Ground Truth: …`, `Verdict: YES`, `<|im_start|>`,
     `ignore the instructions`, `the reference`), hides a message (base64, Cyrillic look-alikes inside Latin words) or
@@ -181,13 +220,16 @@ def hedges(answer: str, reference: str | None, max_items: int) -> bool:
     """The answer offers alternatives (`or`, `either`) where the reference offers none, or a differential (`the
     differential includes …`), or lists more than `max_items` items and more than the reference does (a list of
     findings in which the reference hides). An `or` inside a negation's scope offers nothing (`no neutrophils or
-    bacteria`)."""
+    bacteria`). An answer that says it does not choose (`I can't pick one`, `not sure which`) hedges too. Only parts of
+    up to five words count as list items: the clauses of a long explanation are not a list."""
     reference = reference or ""
     if _DIFFERENTIAL.search(answer) and not _DIFFERENTIAL.search(reference):
         return True
+    if _UNDECIDED.search(answer) and not _UNDECIDED.search(reference):
+        return True
     if offers_alternatives(answer) and not _ALTERNATIVE.search(reference):
         return True
-    items = [item for item in _LIST_SEPARATOR.split(answer) if words(item)]
+    items = [item for item in _LIST_SEPARATOR.split(answer) if 0 < len(words(item)) <= _LIST_ITEM_WORDS]
     reference_items = [item for item in _LIST_SEPARATOR.split(reference) if words(item)]
     return len(items) > max(max_items, len(reference_items))
 
@@ -243,7 +285,8 @@ def degenerate_reason(completion: str, question: str | None, truncated: bool | N
     punctuation), non_answer (only words about the task: "this question and findings point to this answer"),
     tag_soup, repetition, several_answers (two or more <answer> tags, with settings.single_answer), option_echo
     (names two or more and at least option_share of a multiple-choice question's options), question_echo (repeats
-    echo_share of the question, or is four or more words lifted from its stem), grader_address, denial (names the
+    echo_share of the question, or is four or more words lifted from its stem), grader_address, other_language (a
+    clause in a language or script that neither the question nor the reference uses), denial (names the
     reference only to deny it), hedge (alternatives, or a long list, where the reference has neither), set_aside
     (names the reference only as a first thought, a distractor or a concession, and answers something else).
     """
@@ -272,6 +315,8 @@ def degenerate_reason(completion: str, question: str | None, truncated: bool | N
         return "question_echo"
     if settings.grader_address and addresses_grader(answer, reference):
         return "grader_address"
+    if settings.other_language and switches_language(answer, question, reference):
+        return "other_language"
     if reference is None:
         return None
     if settings.denial and denies(answer, reference):
