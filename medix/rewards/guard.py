@@ -196,7 +196,8 @@ def languages(text: str, min_words: int = 2) -> set[str]:
              for name in [unicodedata.name(ch, "").split(" ")[0]] if name in _OTHER_SCRIPTS}
     for clause in re.split(r"[.;:!?\n]+", text):
         clause_words = set(words(clause))
-        found |= {language for language, function in _FUNCTION_WORDS.items() if len(clause_words & function) >= min_words}
+        found |= {language for language, function in _FUNCTION_WORDS.items()
+                  if len(clause_words & function) >= min_words}
     return found
 
 
