@@ -89,7 +89,8 @@ _FUNCTION_WORDS = {
     "dutch": frozenset("het deze een alstublieft niet zijn wij voor antwoord dit juist".split()),
 }
 # Scripts that an English question and reference do not use: a clause in one of them is in another language.
-_OTHER_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "ARABIC", "HEBREW", "CYRILLIC", "DEVANAGARI", "THAI")
+_OTHER_SCRIPTS = frozenset({"CJK", "HIRAGANA", "KATAKANA", "HANGUL", "ARABIC", "HEBREW", "CYRILLIC", "DEVANAGARI",
+                            "THAI"})
 
 
 def words(text: str) -> list[str]:
@@ -179,12 +180,16 @@ def names_nothing(answer: str) -> bool:
     return set(answer_words) <= meta or bool(_TASK_TALK.search(answer))
 
 
+def scripts(text: str) -> set[str]:
+    """The scripts of the letters in `text`, as the first word of their Unicode names (`LATIN`, `CYRILLIC`, `CJK`)."""
+    return {unicodedata.name(ch, "").split(" ")[0] for ch in text if ch.isalpha()}
+
+
 def mixes_scripts(text: str) -> bool:
     """A word that mixes Latin and Cyrillic letters (`Gliоblastоma` with a Cyrillic `о`): text made to look like
     words it is not (a mixed-script confusable, Unicode TR39). Greek is left out: `μg`, `μmol` mix it honestly."""
     for word in _WORD.findall(text):
-        scripts = {unicodedata.name(ch, "").split(" ")[0] for ch in word if ch.isalpha()}
-        if {"LATIN", "CYRILLIC"} <= scripts:
+        if {"LATIN", "CYRILLIC"} <= scripts(word):
             return True
     return False
 
@@ -192,8 +197,7 @@ def mixes_scripts(text: str) -> bool:
 def languages(text: str, min_words: int = 2) -> set[str]:
     """The languages other than English in which some clause of `text` is written: `min_words` function words of one
     language in a clause, or a letter of a non-Latin script (named by the script: `CJK`, `CYRILLIC`, ...)."""
-    found = {name for ch in text if ch.isalpha()
-             for name in [unicodedata.name(ch, "").split(" ")[0]] if name in _OTHER_SCRIPTS}
+    found = scripts(text) & _OTHER_SCRIPTS
     for clause in re.split(r"[.;:!?\n]+", text):
         clause_words = set(words(clause))
         found |= {language for language, function in _FUNCTION_WORDS.items()
