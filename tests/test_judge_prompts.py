@@ -61,6 +61,7 @@ def test_yes_probability_normalises_over_yes_and_no_tokens():
     assert p == pytest.approx(0.7 / 0.8)
     assert yes_probability({"NO": -0.01}) == 0.0
     assert yes_probability({"Maybe": -0.1, "The": -2.0}) is None
+    assert yes_probability({"1": math.log(0.3), " 2": math.log(0.1), "YES": -0.1}, yes="1", no="2") == pytest.approx(0.75)
 
 
 def test_default_prompt_delimits_prediction_and_reference():

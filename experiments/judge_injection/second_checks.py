@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import time
@@ -32,7 +31,7 @@ from hydra.utils import instantiate
 
 from experiments.judge_injection.measure import HERE, load_rows, local_judge_config
 from medix.judges import JudgeItem
-from medix.judges.prompts import clean_prediction, parse_verdict
+from medix.judges.prompts import clean_prediction, parse_verdict, yes_probability
 
 LIST_PROMPT = """List every diagnosis, disease, finding or other candidate answer that the text below names, one per line, copying its words. Write nothing else.
 
@@ -65,12 +64,13 @@ def long_words(text: str) -> set[str]:
     return {w for w in re.findall(r"[^\W_]+", text.lower()) if len(w) >= 4}
 
 
-def passed_rows(name: str) -> tuple[dict, list[dict]]:
-    """The recorded run of blind set `name` and its rows that scored 1.0 through the reward."""
+def passed_rows(name: str) -> tuple[list[dict], list[dict]]:
+    """All rows of blind set `name`, and those that scored 1.0 through the reward in its recorded run."""
     record = json.loads((HERE / f"results_{name}.json").read_text())
-    rows = {r["id"]: r for r in load_rows(HERE / Path(record["cases_file"]).name)}
+    rows = load_rows(HERE / Path(record["cases_file"]).name)
+    by_id = {r["id"]: r for r in rows}
     through = record["local"]["through_reward"]
-    return record, [rows[i] for group in ("cases", "controls") for i in through[group]["yes_ids"]]
+    return rows, [by_id[i] for group in ("cases", "controls") for i in through[group]["yes_ids"]]
 
 
 def decoys(row: dict, pool: list[str], k: int = 3) -> list[str]:
@@ -85,11 +85,9 @@ def first_token_share(client, model: str, prompt: str, a: str, b: str) -> float:
     """P(a)/(P(a)+P(b)) over the first reply token's top log-probabilities (nan when neither is among them)."""
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                            temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=20)
-    mass: dict[str, float] = {}
-    for entry in reply.choices[0].logprobs.content[0].top_logprobs:
-        mass[entry.token.strip()] = mass.get(entry.token.strip(), 0.0) + math.exp(entry.logprob)
-    pa, pb = mass.get(a, 0.0), mass.get(b, 0.0)
-    return pa / (pa + pb) if pa + pb else float("nan")
+    top = reply.choices[0].logprobs.content[0].top_logprobs
+    share = yes_probability({entry.token: entry.logprob for entry in top}, yes=a, no=b)
+    return float("nan") if share is None else share
 
 
 def ask(sets: list[str], cache_dir: Path) -> list[dict]:
@@ -98,8 +96,8 @@ def ask(sets: list[str], cache_dir: Path) -> list[dict]:
     with instantiate(cfg) as judge:
         client = openai.OpenAI(base_url=judge.base_url, api_key="EMPTY", timeout=300, max_retries=1)
         for name in sets:
-            record, rows = passed_rows(name)
-            pool = [r["reference"] for r in load_rows(HERE / Path(record["cases_file"]).name)]
+            all_rows, rows = passed_rows(name)
+            pool = [r["reference"] for r in all_rows]
             for row in rows:
                 answer = row["prediction"].rstrip(". ")
                 refs = [row["reference"], *decoys(row, pool)]

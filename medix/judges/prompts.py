@@ -102,17 +102,18 @@ def parse_verdict(reply: str, parser: str = "strict") -> float | None:
     return PARSERS[parser](reply)
 
 
-def yes_probability(top_logprobs: dict[str, float]) -> float | None:
-    """P(YES) / (P(YES) + P(NO)) from the first token's top logprobs (tokens compared stripped, case-insensitive).
+def yes_probability(top_logprobs: dict[str, float], yes: str = "YES", no: str = "NO") -> float | None:
+    """P(YES) / (P(YES) + P(NO)) from the first token's top logprobs (tokens compared stripped, case-insensitive);
+    `yes` and `no` name other pairs of answers (a forced choice between `1` and `2`).
 
     None when neither a YES-like nor a NO-like token is among them.
     """
     p_yes = p_no = 0.0
     for token, logprob in top_logprobs.items():
         word = token.strip().upper()
-        if word == "YES":
+        if word == yes.upper():
             p_yes += math.exp(logprob)
-        elif word == "NO":
+        elif word == no.upper():
             p_no += math.exp(logprob)
     if p_yes + p_no == 0.0:
         return None
